@@ -207,3 +207,32 @@ def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
     """A short stable digest of a resolved config, for provenance and shard validity."""
     text = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else repr(cfg)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One data file of an experiment, with the labels the analyses group by."""
+
+    dataset: str
+    condition: str
+    file: str
+    path: str
+    task: str
+    kind: str
+
+
+def dataset_files(dataset: DictConfig, tasks=(), kinds=()) -> list[FileSpec]:
+    return [
+        FileSpec(dataset.name, dataset.condition, key, entry.path, entry.task, entry.kind)
+        for key, entry in dataset.files.items()
+        if (not tasks or entry.task in tasks) and (not kinds or entry.kind in kinds)
+    ]
+
+
+def experiment_files(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> list[FileSpec]:
+    """Every file the selected experiment reads, in config order."""
+    specs: list[FileSpec] = []
+    for name in cfg.experiment.datasets:
+        dataset = compose([*overrides, f"dataset={name}"]).dataset
+        specs += dataset_files(dataset, cfg.experiment.tasks, cfg.experiment.kinds)
+    return specs
