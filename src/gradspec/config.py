@@ -112,6 +112,10 @@ class ExtractConfig:
     fatal_statuses: list[str] = field(default_factory=list)
     # The number of threads torch may use on the CPU; null leaves torch's default.
     threads: int | None = None
+    # GPUs one extract job holds (Snakemake resource `gpu`); null: 1 where nvidia-smi is found.
+    gpus_per_job: int | None = None
+    # Wall-clock minutes a scheduler grants one extract job; null: estimated from model.params_b.
+    runtime_min: int | None = None
 
 
 @dataclass
@@ -127,6 +131,8 @@ class WandbConfig:
     project: str = "gradspec"
     entity: str | None = None
     dir: str = "results/wandb"
+    # Seconds wandb.init may take before the run goes on without tracking.
+    init_timeout: float = 60.0
 
 
 @dataclass
@@ -197,6 +203,28 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError(_valid_keys(overrides, error)) from error
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def overrides_from_mapping(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    """Hydra overrides from a (nested) mapping such as Snakemake's ``config``.
+
+    Snakemake refuses dotted keys on its command line, so ``--config 'data={limit: 2}'`` arrives
+    nested; flattening it here gives the same override as ``gradspec ... data.limit=2``.
+    """
+    overrides: list[str] = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            overrides += overrides_from_mapping(value, f"{name}.")
+        elif value is None:
+            overrides.append(f"{name}=null")
+        elif isinstance(value, bool):
+            overrides.append(f"{name}={str(value).lower()}")
+        elif isinstance(value, list | tuple):
+            overrides.append(f"{name}=[{','.join(str(item) for item in value)}]")
+        else:
+            overrides.append(f"{name}={value}")
+    return overrides
 
 
 def to_yaml(cfg: DictConfig) -> str:
