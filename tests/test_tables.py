@@ -24,7 +24,7 @@ CORRECT = {
         [1.0, 3.0, 2.0, 4.0, 3.0, 5.0, 4.0, 6.0],
     ],
     "detailed": [
-        [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0],
+        [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0],
         [0.5, 1.5, 0.5, 1.5, 0.5, 1.5, 0.5, 1.5],
         [1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0, 2.0],
     ],
@@ -85,12 +85,14 @@ def test_mad_table_cells(tables):
 
 def test_mad_table_spot_values(tables):
     table = pd.read_csv(tables / "mad_nuclear_norm.csv").set_index(["kind", "condition"])
-    # Detailed, correct: mean curve 2.5/3, 4.5/3, 4.5/3, 4.5/3, 3.5/3, 5.5/3, 5.5/3, 5.5/3.
+    # Detailed, correct: mean curve 2.5/3, 4.5/3, 4.5/3, 4.5/3, 3.5/3, 5.5/3, 5.5/3, 6.5/3.
     assert table.loc[("detailed", "correct"), "q_proj early"] == pytest.approx(2 / 3)
     assert table.loc[("detailed", "correct"), "q_proj middle"] == pytest.approx(
         (0 + 1 / 3 + 2 / 3) / 3
     )
-    assert table.loc[("detailed", "correct"), "q_proj all"] == pytest.approx((2 + 1 + 2) / 3 / 7)
+    assert table.loc[("detailed", "correct"), "q_proj all"] == pytest.approx(
+        (2 + 1 + 2 + 1) / 3 / 7
+    )
 
 
 def test_relative_difference_table_cells(tables):
