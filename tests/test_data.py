@@ -299,6 +299,14 @@ def test_ids_depend_on_content_only(tmp_path: Path):
     assert len(first[0].sample_id) == 16 and int(first[0].sample_id, 16) >= 0
 
 
+def test_invalid_records_are_told_apart_by_their_whole_content(tmp_path: Path):
+    records = data.load_records(write_json(tmp_path, [{"ppl": 1.0}, {"ppl": 2.0}, {"ppl": 1.0}]))
+
+    assert {r.status for r in records} == {"invalid_record"}
+    assert data.find_duplicates(records) == {records[0].sample_id: [0, 2]}
+    assert records[0].sample_id != records[1].sample_id
+
+
 def test_extra_fields_do_not_change_the_id(tmp_path: Path):
     plain = {"instruction": "a", "output": "b"}
     scored = {"instruction": "a", "input": "", "output": "b", "reward": float("nan")}
@@ -362,6 +370,15 @@ def test_prepare_data_command_writes_one_file(tmp_path: Path):
         "gsm8k_none.meta.json",
     ]
     assert len(data.load_records(out)) == 500
+
+
+def test_prepare_data_command_takes_a_user_file(tmp_path: Path):
+    source = write(tmp_path, "my data.jsonl", '{"instruction": "a", "output": "b"}\n')
+    cfg = compose(["dataset=cot_500", f"data.path={source}"])
+    assert data.prepare_data_command(cfg, root=tmp_path / "prepared") == 0
+
+    (record,) = data.load_records(tmp_path / "prepared" / "cot_500" / "my_data.jsonl")
+    assert (record.instruction, record.output) == ("a", "b")
 
 
 def test_prepare_data_command_refuses_unknown_file(tmp_path: Path):

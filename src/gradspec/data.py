@@ -235,7 +235,12 @@ def _parse_jsonl(text: str, path: Path) -> list[Any]:
 
 
 def sample_id(fields: dict[str, Any]) -> str:
-    """A content id: the same text gives the same id wherever and in whichever file it appears."""
+    """A content id: the same text gives the same id wherever and in whichever file it appears.
+
+    Valid records are identified by their text fields alone, so scores or other extra fields do
+    not split one text into two ids. Invalid records have no well-defined text, so the whole raw
+    record is hashed instead; otherwise every record lacking the same fields would share an id.
+    """
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
@@ -286,7 +291,7 @@ def _alpaca_record(index: int, value: dict) -> Record:
     texts = {name: value.get(name, "" if name == "input" else None) for name in ALPACA_FIELDS}
     return Record(
         index=index,
-        sample_id=sample_id(texts),
+        sample_id=sample_id({"record": value} if problems else texts),
         instruction=_as_text(texts["instruction"]),
         input=_as_text(texts["input"]),
         output=_as_text(texts["output"]),
@@ -321,7 +326,7 @@ def _chat_record(index: int, value: dict) -> Record:
         _message_problems(messages) if "messages" in value else ["field 'messages' is missing"]
     )
     extra = {k: v for k, v in value.items() if k != "messages"}
-    ident = sample_id({"messages": messages})
+    ident = sample_id({"record": value} if problems else {"messages": messages})
     if problems:
         kept = tuple(messages) if isinstance(messages, list) else None
         return Record(index, ident, "", "", "", kept, INVALID, "; ".join(problems), extra)
@@ -408,15 +413,22 @@ def load_records(path: str | Path, fmt: str = "auto", strict: bool = False) -> l
                     f"{record.reason}"
                 )
 
-    duplicates = find_duplicates(records)
-    if duplicates:
-        log.warning(
-            "%s holds %d repeated records (sample_id: indices): %s",
-            path,
-            sum(len(v) - 1 for v in duplicates.values()),
-            duplicates,
-        )
+    _log_duplicates(path, find_duplicates(records))
     return records
+
+
+def _log_duplicates(path: Path, duplicates: dict[str, list[int]], shown: int = 10) -> None:
+    if not duplicates:
+        return
+    listed = dict(list(duplicates.items())[:shown])
+    more = f" and {len(duplicates) - shown} more ids" if len(duplicates) > shown else ""
+    log.warning(
+        "%s holds %d repeated records (sample_id: indices): %s%s",
+        path,
+        sum(len(v) - 1 for v in duplicates.values()),
+        listed,
+        more,
+    )
 
 
 def find_duplicates(records: list[Record]) -> dict[str, list[int]]:
@@ -520,6 +532,7 @@ def prepare_file(
         "duplicates": duplicates,
         "deduplicated": deduplicate,
         "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 3),
     }
     _write_atomic(meta_path(out), json.dumps(meta, indent=2) + "\n")
 
