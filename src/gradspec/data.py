@@ -329,7 +329,17 @@ def _chat_record(index: int, value: dict) -> Record:
     ident = sample_id({"record": value} if problems else {"messages": messages})
     if problems:
         kept = tuple(messages) if isinstance(messages, list) else None
-        return Record(index, ident, "", "", "", kept, INVALID, "; ".join(problems), extra)
+        return Record(
+            index=index,
+            sample_id=ident,
+            instruction="",
+            input="",
+            output="",
+            messages=kept,
+            status=INVALID,
+            reason="; ".join(problems),
+            extra=extra,
+        )
 
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     users = [m["content"] for m in messages[:last] if m["role"] == "user"]
