@@ -460,7 +460,9 @@ def dedupe(records: list[Record]) -> list[Record]:
     return kept
 
 
-def select_records(records: list[Record], offset: int = 0, limit: int | None = None) -> list:
+def select_records(
+    records: list[Record], offset: int = 0, limit: int | None = None
+) -> list[Record]:
     """``limit`` records from position ``offset`` on (all of the rest when ``limit`` is None)."""
     if offset < 0:
         raise ValueError(f"data.offset must be >= 0, not {offset}")
