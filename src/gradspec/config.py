@@ -257,7 +257,9 @@ def dataset_files(dataset: DictConfig, tasks=(), kinds=()) -> list[FileSpec]:
     ]
 
 
-def experiment_files(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> list[FileSpec]:
+def experiment_files(
+    cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()
+) -> list[FileSpec]:
     """Every file the selected experiment reads, in config order."""
     specs: list[FileSpec] = []
     for name in cfg.experiment.datasets:
