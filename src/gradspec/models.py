@@ -130,7 +130,9 @@ def prepare_model(model: DictConfig, models_dir: str | Path) -> Path:
             if not model.hf_id:
                 raise ModelError(f"model {model.name!r} has source 'hf' but no hf_id")
             kwargs = {"trust_remote_code": bool(model.trust_remote_code)}
-            loaded = AutoModelForCausalLM.from_pretrained(model.hf_id, dtype=torch.float32, **kwargs)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                model.hf_id, dtype=torch.float32, **kwargs
+            )
             loaded.save_pretrained(staged, safe_serialization=True)
             AutoTokenizer.from_pretrained(model.hf_id, **kwargs).save_pretrained(staged)
             provenance |= {"hf_id": model.hf_id}
@@ -150,11 +152,15 @@ def prepare_model(model: DictConfig, models_dir: str | Path) -> Path:
 
 
 def resolve_model_dir(cfg: DictConfig) -> Path:
-    """The prepared folder of the selected model, or ``model.path``; an error if it has no weights."""
-    folder = Path(cfg.model.path) if cfg.model.path else paths.model_dir(cfg.models_dir, cfg.model.name)
+    """The selected model's prepared folder, or ``model.path``; an error if it holds no weights."""
+    folder = (
+        Path(cfg.model.path) if cfg.model.path else paths.model_dir(cfg.models_dir, cfg.model.name)
+    )
     if not has_weights(folder):
         hint = "" if cfg.model.path else f"; run `gradspec prepare-model model={cfg.model.name}`"
-        raise ModelError(f"model folder {str(folder)!r} does not exist or holds no *.safetensors{hint}")
+        raise ModelError(
+            f"model folder {str(folder)!r} does not exist or holds no *.safetensors{hint}"
+        )
     return folder
 
 
@@ -167,14 +173,25 @@ def resolve_device(name: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(folder: str | Path, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False):
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(folder), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    folder: str | Path,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+):
     """A frozen model in eval mode and its tokenizer; weights only from safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ModelError(f"extract.dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
     )
