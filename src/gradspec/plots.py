@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
 from gradspec import paths
@@ -87,6 +88,7 @@ def sample_count_text(rows: pd.DataFrame) -> str:
 
 def label_axis(axis, metric: str) -> None:
     axis.set_xlabel("layer")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(METRIC_LABELS.get(metric, metric))
     axis.legend(fontsize="small")
 

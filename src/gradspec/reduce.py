@@ -451,7 +451,8 @@ def relative_difference_rows(
     frame = pd.concat(frames, ignore_index=True)
     frame["layer"] = frame["layer"].astype("Int64")
     frame["n_pairs"] = x_correct.shape[0]
-    return frame
+    first = [*labels, "scope", "layer", "group"]
+    return frame[first + [column for column in frame.columns if column not in first]]
 
 
 def paired_test_rows(correct: FileSamples, irrelevant: FileSamples, alpha: float) -> pd.DataFrame:
