@@ -3,7 +3,8 @@
 # make test       the test suite
 # make pull/push  artifacts from/to the DVC remote (docs/workflow.md)
 #
-# EXPERIMENT=name picks another experiment; SNAKEFLAGS adds Snakemake flags.
+# EXPERIMENT=name picks another experiment, CONFIG adds --config entries (CONFIG='data={limit: 2}'),
+# SNAKEFLAGS adds Snakemake flags.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -21,6 +22,8 @@ STAMP := $(VENV)/.setup-$(SETUP_KEY)
 EXPERIMENT ?= quickstart
 CORES ?= 2
 SNAKEFLAGS ?=
+CONFIG ?=
+SNAKE_CONFIG = --config experiment=$(EXPERIMENT) $(CONFIG)
 
 .PHONY: setup reproduce test lint pull push clean-results
 
@@ -43,7 +46,7 @@ $(STAMP):
 	@touch $@
 
 reproduce: setup
-	. $(BIN)/activate && snakemake --cores $(CORES) --config experiment=$(EXPERIMENT) $(SNAKEFLAGS)
+	. $(BIN)/activate && snakemake --cores $(CORES) $(SNAKE_CONFIG) $(SNAKEFLAGS)
 	@ls results/$(EXPERIMENT)
 
 # pytest's 5 (no test collected) becomes a failure, with a line that says so.
@@ -59,9 +62,9 @@ lint: setup
 # the restored files Snakemake's order of modification times so that nothing is recomputed.
 pull: setup
 	. $(BIN)/activate && dvc pull \
-		&& snakemake --cores $(CORES) --config experiment=$(EXPERIMENT) inputs \
-		&& snakemake --cores 1 --touch --config experiment=$(EXPERIMENT) \
-		&& snakemake -n --config experiment=$(EXPERIMENT)
+		&& snakemake --cores $(CORES) $(SNAKE_CONFIG) inputs \
+		&& snakemake --cores 1 --touch $(SNAKE_CONFIG) \
+		&& snakemake -n $(SNAKE_CONFIG)
 
 # Record the results just computed in dvc.lock (commit it to git) and upload them.
 push: setup
