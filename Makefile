@@ -23,6 +23,9 @@ EXPERIMENT ?= quickstart
 CORES ?= 2
 SNAKEFLAGS ?=
 CONFIG ?=
+# Another place for the DVC remote `local` (kept in the untracked .dvc/config.local).
+DVC_REMOTE ?=
+SET_REMOTE = $(if $(DVC_REMOTE),dvc remote modify --local local url '$(DVC_REMOTE)' &&,)
 SNAKE_CONFIG = --config experiment=$(EXPERIMENT) $(CONFIG)
 
 .PHONY: setup reproduce test lint pull push clean-results
@@ -61,14 +64,14 @@ lint: setup
 # A fresh clone: fetch the results, rebuild the cheap inputs (and models if absent), then give
 # the restored files Snakemake's order of modification times so that nothing is recomputed.
 pull: setup
-	. $(BIN)/activate && dvc pull \
+	. $(BIN)/activate && $(SET_REMOTE) dvc pull \
 		&& snakemake --cores $(CORES) $(SNAKE_CONFIG) inputs \
 		&& snakemake --cores 1 --touch $(SNAKE_CONFIG) \
 		&& snakemake -n $(SNAKE_CONFIG)
 
 # Record the results just computed in dvc.lock (commit it to git) and upload them.
 push: setup
-	. $(BIN)/activate && dvc commit --force && dvc push
+	. $(BIN)/activate && $(SET_REMOTE) dvc commit --force && dvc push
 
 clean-results:
 	rm -rf results/$(EXPERIMENT)
