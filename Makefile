@@ -65,7 +65,7 @@ lint: setup
 # the restored files Snakemake's order of modification times so that nothing is recomputed.
 pull: setup
 	. $(BIN)/activate && $(SET_REMOTE) dvc pull \
-		&& snakemake --cores $(CORES) $(SNAKE_CONFIG) inputs \
+		&& snakemake inputs --cores $(CORES) $(SNAKE_CONFIG) \
 		&& snakemake --cores 1 --touch $(SNAKE_CONFIG) \
 		&& snakemake -n $(SNAKE_CONFIG)
 
