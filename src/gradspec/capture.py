@@ -227,9 +227,12 @@ def _require_grad(module, args, output):
 
 
 # Logits are the largest tensor for big vocabularies (Gemma-3: 262k entries, about 1 GB per 1,000
-# tokens in float32): they are made in chunks of about this many entries and recomputed in
-# backward instead of being kept.
+# tokens in float32): they are made for this many entries at a time, and again in backward.
 _LOGIT_CHUNK_ENTRIES = 1 << 25
+# The hidden-state gradient sums over the whole vocabulary. With few rows a float32 product runs
+# as one long dot product per entry (errors near 1e-5 at 49k entries, grown to 1e-4 by the
+# layers below); summing blocks of this many entries in float64 keeps it near 1e-7.
+_VOCAB_BLOCK = 1024
 
 
 @dataclass
@@ -241,28 +244,68 @@ class BatchResult:
     nonfinite_gradient: dict[int, str]
 
 
-def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _logits(head: nn.Linear, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = _at_least_float32(nn.functional.linear(hidden, head.weight, head.bias))
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _TokenLosses(torch.autograd.Function):
+    """Cross-entropy of each supervised position from hidden states, logits never kept whole.
+
+    Forward and backward go over chunks of positions; backward recomputes each chunk's logits
+    and returns the gradient for the hidden states only (the output head is frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, cap, chunk):
+        ctx.save_for_backward(hidden, targets)
+        ctx.head, ctx.cap, ctx.chunk = head, cap, chunk
+        losses = []
+        for i in range(0, hidden.shape[0], chunk):
+            logits = _logits(head, hidden[i : i + chunk], cap)
+            losses.append(
+                nn.functional.cross_entropy(logits, targets[i : i + chunk], reduction="none")
+            )
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, targets = ctx.saved_tensors
+        head, cap, chunk = ctx.head, ctx.cap, ctx.chunk
+        grad_hidden = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], chunk):
+            raw = _at_least_float32(
+                nn.functional.linear(hidden[i : i + chunk], head.weight, head.bias)
+            )
+            logits = torch.tanh(raw / cap) * cap if cap else raw
+            grad_logits = torch.softmax(logits, dim=-1)
+            rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+            grad_logits[rows, targets[i : i + chunk]] -= 1
+            grad_logits *= grad_losses[i : i + chunk, None]
+            if cap:
+                grad_logits *= 1 - torch.tanh(raw / cap) ** 2
+            grad_hidden[i : i + chunk] = _blocked_product(grad_logits, head.weight).to(hidden.dtype)
+        return grad_hidden, None, None, None, None
+
+
+def _blocked_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ right`` summed over blocks of the inner dimension in float64."""
+    total = torch.zeros(left.shape[0], right.shape[1], dtype=torch.float64, device=left.device)
+    for j in range(0, left.shape[1], _VOCAB_BLOCK):
+        block = right[j : j + _VOCAB_BLOCK].to(left.dtype)
+        total += (left[:, j : j + _VOCAB_BLOCK] @ block).to(torch.float64)
+    return total
 
 
 def _token_losses(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each supervised position, in checkpointed chunks of the logits."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    chunk = max(1, _LOGIT_CHUNK_ENTRIES // vocab)
-
-    def chunk_loss(h, y):
-        return nn.functional.cross_entropy(_logits(model, h), y, reduction="none")
-
-    parts = [
-        torch.utils.checkpoint.checkpoint(chunk_loss, hidden[i : i + chunk], targets[i : i + chunk],
-                                          use_reentrant=False)
-        for i in range(0, hidden.shape[0], chunk)
-    ]  # fmt: skip
-    return torch.cat(parts)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = max(1, _LOGIT_CHUNK_ENTRIES // head.weight.shape[0])
+    return _TokenLosses.apply(hidden, targets, head, cap, chunk)
 
 
 def run_batch(
@@ -301,7 +344,7 @@ def run_batch(
         hidden = capture.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = hidden.last_hidden_state.reshape(batch * width, -1)[rows]
         token_losses = _token_losses(model, hidden, targets)
-        sums = torch.zeros(batch, device=device, dtype=torch.float32).index_add(
+        sums = torch.zeros(batch, device=device, dtype=token_losses.dtype).index_add(
             0, owners, token_losses
         )
         counts = torch.bincount(owners, minlength=batch).clamp_min(1)

@@ -21,7 +21,7 @@ def check_slug(value: str, what: str) -> str:
     """Names become folder names and Snakemake wildcards: no '/', '.', or leading '-'."""
     if not SLUG.match(value):
         raise ValueError(
-            f"{what} name {value!r} cannot be used as a folder name: use letters, digits, '_' and '-'"
+            f"{what} name {value!r} cannot be a folder name: use letters, digits, '_' and '-'"
         )
     return value
 

@@ -76,14 +76,12 @@ def metrics_from_singular_values(s: torch.Tensor) -> tuple[float, ...]:
 
 
 def singular_values_from_gram(gram: torch.Tensor, rank_bound: int) -> torch.Tensor:
-    """Singular values from a float64 Gram matrix: the top ``rank_bound`` eigenvalues' roots.
+    """Singular values from a float64 Gram matrix: the roots of its top eigenvalues.
 
-    Eigenvalues beyond the rank bound are rounding noise of size about 1e-16 · λ_max; trimming
-    them is exact, since the true ones are zero.
+    Only the top ``rank_bound`` eigenvalues can be nonzero; the others are rounding noise.
     """
-    eigenvalues = torch.linalg.eigvalsh(gram)
-    top = eigenvalues.flip(-1)[..., :rank_bound]
-    return top.clamp_min(0).sqrt()
+    eigenvalues = torch.linalg.eigvalsh(gram).flip(-1)[..., :rank_bound]
+    return eigenvalues.clamp_min(0).sqrt()
 
 
 def gram_of(m: torch.Tensor) -> torch.Tensor:
