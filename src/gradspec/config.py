@@ -126,6 +126,28 @@ class ReduceConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``gradspec bench``: the papers' method, its svdvals variant, the bare pass, the engine."""
+
+    # Records of each response kind (GSM8K, first records) timed by every method.
+    samples: int = 2
+    kinds: list[str] = field(default_factory=lambda: ["none", "detailed"])
+    methods: list[str] = field(
+        default_factory=lambda: ["papers_svd", "papers_svdvals", "bare", "engine"]
+    )
+    # Scaling runs of the bare pass and the engine: token counts, and hidden sizes of models
+    # built from the analysis model's config with random weights.
+    lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    hidden_sizes: list[int] = field(default_factory=lambda: [576, 2048])
+    scaling_layers: int = 2
+    # A Hugging Face config (JSON) to build a random-weight model from instead of the analysis
+    # model, e.g. an 8B shape on a GPU; with ``tokens`` the length of its random samples.
+    model_config: str | None = None
+    tokens: int = 1024
+    output: str = "benchmarks/RESULTS.md"
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     project: str = "gradspec"
@@ -145,6 +167,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     results_dir: str = "results"
     models_dir: str = "resources/models"
     data_dir: str = "resources/datasets"
