@@ -1,4 +1,5 @@
-# gradspec: prepare model -> prepare data -> extract spectra -> reduce -> tables, figures, findings.
+# gradspec: prepare model -> prepare data -> extract spectra -> reduce -> tables, figures, findings
+# -> report.
 #
 #   snakemake --cores 2                                   the quickstart experiment
 #   snakemake --cores 2 --config experiment=NAME          another experiment (config/experiment/)
@@ -22,6 +23,7 @@ rule all:
         findings=FINDINGS,
         tables=[tables_out(model) for model in MODELS],
         figures=[figures_out(model) for model in MODELS],
+        report=REPORT,
     default_target: True
 
 

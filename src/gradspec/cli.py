@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "validate a dataset's files, give ids",
     ),
     "extract": ("gradspec.extract", "extract_command", "per-sample gradient spectra -> Parquet"),
+    "merge": ("gradspec.merge", "merge_command", "concatenate a file's shard spectra in order"),
     "reduce": ("gradspec.reduce", "reduce_command", "per-layer curves, intervals and MAD"),
     "plot": ("gradspec.plots", "plot_command", "the papers' figures"),
     "tables": (
@@ -38,6 +39,37 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "score": ("gradspec.score", "score_command", "add spectral scores to a dataset, select by one"),
     "import-reference": ("gradspec.reference", "import_command", "read the papers' own statistics"),
 }
+
+
+# Errors that describe a bad input, config or model: reported in one line, exit code 2.
+USER_ERRORS = (
+    ("gradspec.config", "ConfigError"),
+    ("gradspec.data", "DataError"),
+    ("gradspec.models", "ModelError"),
+    ("gradspec.extract", "ExtractionError"),
+)
+USAGE_EXIT = 2
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The classes of USER_ERRORS whose module is loaded; an error's own module always is."""
+    return tuple(getattr(sys.modules[m], n) for m, n in USER_ERRORS if m in sys.modules)
+
+
+def one_line(text: str) -> str:
+    """A multi-line message (Hydra's list of options) as one line; search paths left out."""
+    text = text.split("Config search path:", 1)[0]
+    out: list[str] = []
+    for line in (raw.strip() for raw in text.splitlines()):
+        if not line:
+            continue
+        if out and out[-1].endswith(":"):
+            out[-1] += " " + line
+        elif out and out[-1].rsplit(":", 1)[-1].strip() and line.isidentifier():
+            out[-1] += ", " + line
+        else:
+            out.append(line)
+    return "; ".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,15 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)
     except ConfigError as error:
-        print(f"gradspec {args.command}: {error}", file=sys.stderr)
-        return 2
+        print(f"gradspec {args.command}: error: {one_line(str(error))}", file=sys.stderr)
+        return USAGE_EXIT
     if args.print_config:
         print(to_yaml(cfg))
         return 0
 
     module_name, function_name, _ = COMMANDS[args.command]
     command = getattr(importlib.import_module(module_name), function_name)
-    result = command(cfg)
+    try:
+        result = command(cfg)
+    except Exception as error:
+        if not isinstance(error, _user_error_types()):
+            raise
+        logging.getLogger(module_name).debug("details", exc_info=True)
+        print(f"gradspec {args.command}: error: {one_line(str(error))}", file=sys.stderr)
+        return USAGE_EXIT
     return int(result or 0)
 
 

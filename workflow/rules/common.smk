@@ -15,8 +15,9 @@ from gradspec.config import compose, experiment_files, overrides_from_mapping
 
 _log = logging.getLogger("gradspec.workflow")
 
-# Keys of Snakemake's config that are not Hydra overrides.
-_RESERVED = ("experiment", "overrides")
+# Keys of Snakemake's config that are not Hydra overrides: how the DAG is cut, not what a job
+# computes (job_shard_size: records per extract job; 0 or absent: one job per file).
+_RESERVED = ("experiment", "overrides", "job_shard_size")
 
 EXPERIMENT = str(config.get("experiment") or "quickstart")
 USER_OVERRIDES = overrides_from_mapping(
@@ -40,6 +41,9 @@ CONDA_ENV = "../envs/gradspec.yaml"
 
 # Overrides as one shell-quoted string, appended to every command.
 OVERRIDES = " ".join(shlex.quote(item) for item in USER_OVERRIDES)
+# Runs a step with its output in the log and appends one line of counts and seconds.
+LOGGED = "workflow/scripts/logged"
+JOB_SHARD_SIZE = int(config.get("job_shard_size") or 0)
 
 _SLUG = paths.SLUG.pattern.strip("^$")
 
@@ -48,6 +52,31 @@ wildcard_constraints:
     model=_SLUG,
     dataset=_SLUG,
     file=_SLUG,
+    shard=r"\d+-\d+",
+
+
+def shard_ranges(offset, limit, size):
+    """The (start, stop) record ranges of the extract jobs of one file; [] for a single job.
+
+    Ranges need a known record count, so a file is cut only when data.limit is set and exceeds
+    the shard size; each range is one job's data.offset and data.limit.
+    """
+    if not size or limit is None or limit <= size:
+        return []
+    end = offset + limit
+    return [(start, min(start + size, end)) for start in range(offset, end, size)]
+
+
+SHARDS = [
+    f"{start:06d}-{stop:06d}"
+    for start, stop in shard_ranges(int(CFG.data.offset), CFG.data.limit, JOB_SHARD_SIZE)
+]
+
+
+def shard_bounds(wildcards):
+    """data.offset and data.limit of one shard job, from its wildcard ``START-STOP``."""
+    start, stop = (int(part) for part in wildcards.shard.split("-"))
+    return f"data.offset={start} data.limit={stop - start}"
 
 
 def gpus_per_job():
@@ -64,11 +93,16 @@ def model_mem_mb(model):
 
 
 def model_runtime(model):
-    """Minutes a scheduler grants an extract job; the config's value wins over the estimate."""
+    """Minutes a scheduler grants an extract job; the config's value wins over the estimate.
+
+    The estimate grows with the model and with the records one job holds (a shard, else
+    data.limit, else a whole file of the papers' size).
+    """
     if CFG.extract.runtime_min is not None:
         return int(CFG.extract.runtime_min)
     params_b = float(MODEL_CFG[model].params_b) if model in MODEL_CFG else 1.0
-    return int(30 + math.ceil(60 * params_b))
+    records = JOB_SHARD_SIZE if SHARDS else (CFG.data.limit or 500)
+    return int(30 + math.ceil(60 * params_b * max(1.0, records / 100)))
 
 
 def model_sentinel(name):
@@ -121,6 +155,10 @@ def summary_of(model):
     return [str(folder / name) for name in SUMMARY_FILES]
 
 
+def spectra_meta_of(model):
+    return [str(Path(path).with_suffix(".meta.json")) for path in spectra_of(model)]
+
+
 def tables_out(model):
     return str(paths.tables_dir(RESULTS, EXPERIMENT, model))
 
@@ -128,3 +166,6 @@ def tables_out(model):
 def figures_out(model):
     return str(paths.figures_dir(RESULTS, EXPERIMENT, model))
 
+
+
+REPORT = f"{EXP_DIR}/report.html"

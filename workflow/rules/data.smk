@@ -13,6 +13,8 @@ rule prepare_data:
         f"{RESULTS}/logs/data/{{dataset}}/{{file}}.log",
     params:
         overrides=OVERRIDES,
+        logged=LOGGED,
     shell:
-        "gradspec prepare-data dataset={wildcards.dataset} data.file={wildcards.file}"
-        " {params.overrides} > {log} 2>&1"
+        "{params.logged} {log} 'prepare-data {wildcards.dataset}/{wildcards.file}' {output} --"
+        " gradspec prepare-data dataset={wildcards.dataset} data.file={wildcards.file}"
+        " {params.overrides}"

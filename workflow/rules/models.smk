@@ -10,7 +10,9 @@ rule prepare_model:
         f"{RESULTS}/logs/models/{{model}}.log",
     params:
         overrides=OVERRIDES,
+        logged=LOGGED,
     resources:
         mem_mb=lambda wildcards: model_mem_mb(wildcards.model),
     shell:
-        "gradspec prepare-model model={wildcards.model} {params.overrides} > {log} 2>&1"
+        "{params.logged} {log} 'prepare-model {wildcards.model}' {output} --"
+        " gradspec prepare-model model={wildcards.model} {params.overrides}"

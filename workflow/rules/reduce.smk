@@ -13,6 +13,8 @@ rule reduce:
     params:
         experiment=EXPERIMENT,
         overrides=OVERRIDES,
+        logged=LOGGED,
     shell:
-        "gradspec reduce experiment={params.experiment} model={wildcards.model}"
-        " {params.overrides} > {log} 2>&1"
+        "{params.logged} {log} 'reduce {wildcards.model}' {output} --"
+        " gradspec reduce experiment={params.experiment} model={wildcards.model}"
+        " {params.overrides}"

@@ -1,4 +1,5 @@
-# Tables and figures per model, then the findings across every model of the experiment.
+# Tables and figures per model, then the findings across every model of the experiment, then
+# one self-contained HTML report (and a W&B report) of all of it.
 # Tables and figures are declared as folders: their file names belong to those steps.
 
 
@@ -14,9 +15,11 @@ rule tables:
     params:
         experiment=EXPERIMENT,
         overrides=OVERRIDES,
+        logged=LOGGED,
     shell:
-        "gradspec tables experiment={params.experiment} model={wildcards.model}"
-        " {params.overrides} > {log} 2>&1"
+        "{params.logged} {log} 'tables {wildcards.model}' {output} --"
+        " gradspec tables experiment={params.experiment} model={wildcards.model}"
+        " {params.overrides}"
 
 
 rule plot:
@@ -31,9 +34,11 @@ rule plot:
     params:
         experiment=EXPERIMENT,
         overrides=OVERRIDES,
+        logged=LOGGED,
     shell:
-        "gradspec plot experiment={params.experiment} model={wildcards.model}"
-        " {params.overrides} > {log} 2>&1"
+        "{params.logged} {log} 'plot {wildcards.model}' {output} --"
+        " gradspec plot experiment={params.experiment} model={wildcards.model}"
+        " {params.overrides}"
 
 
 rule findings:
@@ -48,5 +53,28 @@ rule findings:
     params:
         experiment=EXPERIMENT,
         overrides=OVERRIDES,
+        logged=LOGGED,
     shell:
-        "gradspec findings experiment={params.experiment} {params.overrides} > {log} 2>&1"
+        "{params.logged} {log} findings {output} --"
+        " gradspec findings experiment={params.experiment} {params.overrides}"
+
+
+rule report:
+    input:
+        findings=FINDINGS,
+        tables=[tables_out(model) for model in MODELS],
+        figures=[figures_out(model) for model in MODELS],
+        meta=[path for model in MODELS for path in spectra_meta_of(model)],
+    output:
+        REPORT,
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/report.log",
+    params:
+        experiment=EXPERIMENT,
+        overrides=OVERRIDES,
+        logged=LOGGED,
+    shell:
+        "{params.logged} {log} report {output} --"
+        " gradspec report experiment={params.experiment} {params.overrides}"
