@@ -11,11 +11,6 @@
 # and merge_spectra concatenates them, in order, into the file's Parquet. Record indices are
 # those of the whole file, so the merged file equals a single job's. The parts are temporary.
 
-_EXTRACT_COMMAND = (
-    "workflow/scripts/with-gpus {resources.gpu} {params.locks}"
-    " gradspec extract experiment={params.experiment} model={wildcards.model}"
-    " dataset={wildcards.dataset} data.file={wildcards.file} data.path={input.data}"
-)
 _SPECTRA = f"{EXP_DIR}/{{model}}/spectra/{{dataset}}/{{file}}"
 _EXTRACT_LOG = f"{LOGS}/extract/{{model}}/{{dataset}}/{{file}}"
 
@@ -49,8 +44,10 @@ if SHARDS:
         shell:
             "{params.logged} {log}"
             " 'extract {wildcards.model} {wildcards.dataset}/{wildcards.file} {wildcards.shard}'"
-            " {output} -- " + _EXTRACT_COMMAND + " output={output.spectra} {params.overrides}"
-            " {params.bounds}"
+            " {output} -- workflow/scripts/with-gpus {resources.gpu} {params.locks}"
+            " gradspec extract experiment={params.experiment} model={wildcards.model}"
+            " dataset={wildcards.dataset} data.file={wildcards.file} data.path={input.data}"
+            " output={output.spectra} {params.overrides} {params.bounds}"
 
     rule merge_spectra:
         input:
@@ -102,4 +99,7 @@ else:
             logged=LOGGED,
         shell:
             "{params.logged} {log} 'extract {wildcards.model} {wildcards.dataset}/{wildcards.file}'"
-            " {output} -- " + _EXTRACT_COMMAND + " output={output.spectra} {params.overrides}"
+            " {output} -- workflow/scripts/with-gpus {resources.gpu} {params.locks}"
+            " gradspec extract experiment={params.experiment} model={wildcards.model}"
+            " dataset={wildcards.dataset} data.file={wildcards.file} data.path={input.data}"
+            " output={output.spectra} {params.overrides}"
