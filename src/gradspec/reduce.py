@@ -9,7 +9,14 @@ spectra only. It writes, under ``results/<experiment>/<model>/summary/``:
 - ``mad.parquet``: per (file, module, metric, layer group) the MAD and the level (mean over the
   group's layers) of the mean curve, each with a bootstrap interval;
 - ``contrasts.parquet``: differences in level and MAD between response kinds of one task and
-  condition (e.g. detailed - none), with an interval from independent resampling of each file;
+  condition (e.g. detailed - none), absolute and relative to the second kind, with an interval
+  from independent resampling of each file;
+- ``kind_tests.parquet``: kind against kind on the same instructions (e.g. detailed - none),
+  paired tests of each sample's level and own MAD across layers, and per layer;
+- ``length_regression.parquet``: the kind difference at equal response length, from a regression
+  of each sample's level (or own MAD) on log(n_response_tokens) with kind as a factor;
+- ``replicates.parquet``: the bootstrap replicates of the all-layer level and MAD (and of the
+  correct/irrelevant relative differences) of the nuclear norm, for comparisons across models;
 - ``relative_difference.parquet``: (irrelevant - correct) / correct per layer, of the levels and
   of the MADs, on the instructions that have an ok sample in both files, with a paired interval;
 - ``paired_tests.parquet``: correct against irrelevant on the same instructions;
@@ -33,7 +40,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from gradspec import paths
+from gradspec import paths, tracking
 from gradspec import stats as st
 from gradspec.config import MODULES, FileSpec, experiment_files, to_yaml
 
@@ -188,7 +195,7 @@ def sample_arrays(ok: pd.DataFrame) -> dict[tuple[str, str], FileSamples]:
             modules=modules,
             metrics=metrics,
             values=values.transpose(0, 2, 3, 1),
-            response_tokens=tokens.to_numpy(dtype=float),
+            response_tokens=tokens.astype("Float64").to_numpy(dtype=float, na_value=np.nan),
         )
     return result
 
@@ -316,7 +323,8 @@ def contrast_rows(
     """Level and MAD of kind ``a`` minus kind ``b`` with an interval from independent resamples.
 
     The two files are resampled independently (standard two-sample bootstrap); the interval is
-    the percentile interval of the difference of their replicates.
+    the percentile interval of the difference of their replicates. ``relative`` is
+    ``(a - b) / b``, with the percentile interval of the same ratio over the replicates.
     """
     a, b = first.samples, second.samples
     frames = []
@@ -326,6 +334,10 @@ def contrast_rows(
             second, f"{statistic}_replicates"
         )
         low, high = st.percentile_interval(replicates, confidence)
+        reference = getattr(second, f"{statistic}_replicates")
+        relative_low, relative_high = st.percentile_interval(
+            st.relative_difference(reference, reference + replicates), confidence
+        )
         labels = {
             "model": a.labels["model"],
             "dataset": a.labels["dataset"],
@@ -345,6 +357,9 @@ def contrast_rows(
                     "difference": value_a - value_b,
                     "ci_low": low,
                     "ci_high": high,
+                    "relative": st.relative_difference(value_b, value_a),
+                    "relative_low": relative_low,
+                    "relative_high": relative_high,
                 },
             )
         )
@@ -380,6 +395,19 @@ def matched(correct: FileSamples, irrelevant: FileSamples) -> tuple[np.ndarray, 
         correct.record_index, irrelevant.record_index, return_indices=True
     )
     return correct.flat()[in_correct], irrelevant.flat()[in_irrelevant]
+
+
+def matched_tokens(first: FileSamples, second: FileSamples) -> tuple[np.ndarray, np.ndarray]:
+    """Response token counts of both files on the record indices ok in both, in order."""
+    _, in_first, in_second = np.intersect1d(
+        first.record_index, second.record_index, return_indices=True
+    )
+    return first.response_tokens[in_first], second.response_tokens[in_second]
+
+
+def mean_or_nan(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 def pair_labels(correct: FileSamples, irrelevant: FileSamples) -> dict[str, str]:
@@ -451,6 +479,9 @@ def relative_difference_rows(
     frame = pd.concat(frames, ignore_index=True)
     frame["layer"] = frame["layer"].astype("Int64")
     frame["n_pairs"] = x_correct.shape[0]
+    tokens_correct, tokens_irrelevant = matched_tokens(correct, irrelevant)
+    frame["response_tokens_correct"] = mean_or_nan(tokens_correct)
+    frame["response_tokens_irrelevant"] = mean_or_nan(tokens_irrelevant)
     first = [*labels, "scope", "layer", "group"]
     return frame[first + [column for column in frame.columns if column not in first]]
 
@@ -520,6 +551,184 @@ def rename_means(results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {names.get(key, key): value for key, value in results.items()}
 
 
+def holm_per_metric(p_values: np.ndarray, n_modules: int, n_metrics: int) -> np.ndarray:
+    """Holm's adjustment over the modules of each metric; ``p_values`` flat in (module, metric)."""
+    table = p_values.reshape(n_modules, n_metrics)
+    return np.column_stack([st.holm(table[:, k]) for k in range(n_metrics)]).ravel()
+
+
+def bh_share(layer_p: np.ndarray, n_metrics: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini-Hochberg over layers x modules of each metric, and each module's share of layers
+    whose adjusted p is below ``alpha``. ``layer_p`` is (layer, module * metric)."""
+    by_metric = layer_p.reshape(layer_p.shape[0], -1, n_metrics)
+    adjusted = np.stack(
+        [
+            st.benjamini_hochberg(by_metric[..., k].ravel()).reshape(by_metric.shape[:2])
+            for k in range(n_metrics)
+        ],
+        axis=-1,
+    ).reshape(layer_p.shape)
+    significant = np.where(np.isfinite(adjusted), adjusted < alpha, False)
+    share = significant.mean(axis=0) if adjusted.shape[0] else np.full(adjusted.shape[1:], np.nan)
+    return adjusted, share
+
+
+KIND_TEST_SCOPES = {"level": st.sample_level, "mad": st.sample_mad}
+
+
+def kind_test_rows(first: FileSamples, second: FileSamples, alpha: float) -> pd.DataFrame:
+    """Kind ``a`` (``first``) against kind ``b`` (``second``) on the same instructions.
+
+    The files of one task share their instructions in the same order (checked on the data by the
+    test suite), so a record index names one instruction in both. Per module and metric, on each
+    instruction's pair of samples: Wilcoxon signed-rank and paired t on ``a - b`` of the level
+    (mean over layers) and of the sample's own MAD across layers (:func:`stats.sample_mad`),
+    Cohen's d_z and the rank-biserial correlation, Holm-adjusted over modules. Per layer: the same
+    tests of the layer's value, Benjamini-Hochberg over layers x modules, and the share of
+    layers significant on the level row.
+    """
+    x_a, x_b = matched(first, second)
+    tokens_a, tokens_b = matched_tokens(first, second)
+    n_modules, n_metrics = len(first.modules), len(first.metrics)
+    labels = {
+        "model": first.labels["model"],
+        "dataset": first.labels["dataset"],
+        "condition": first.labels["condition"],
+        "task": first.labels["task"],
+        "kind_a": first.labels["kind"],
+        "kind_b": second.labels["kind"],
+    }
+    features = pd.MultiIndex.from_product(
+        [first.modules, first.metrics], names=["module", "metric"]
+    )
+    layered = st.paired_tests(x_b, x_a)
+    layered["p_adjusted"], share = bh_share(layered["wilcoxon_p"], n_metrics, alpha)
+
+    frames = []
+    for scope, statistic in KIND_TEST_SCOPES.items():
+        results = st.paired_tests(statistic(x_b), statistic(x_a))
+        results["p_adjusted"] = holm_per_metric(results["wilcoxon_p"], n_modules, n_metrics)
+        columns = {**rename_kinds(results)}
+        columns["share_layers_significant"] = (
+            share if scope == "level" else np.full(share.shape, np.nan)
+        )
+        frame = long_frame({**labels, "scope": scope}, features, columns)
+        frame.insert(frame.columns.get_loc("module"), "layer", pd.NA)
+        frame["correction"] = "holm over modules"
+        frames.append(frame)
+    layer_rows = long_frame(
+        {**labels, "scope": "layer"},
+        pd.MultiIndex.from_product(
+            [first.layers, first.modules, first.metrics], names=["layer", "module", "metric"]
+        ),
+        rename_kinds(layered),
+    )
+    layer_rows["share_layers_significant"] = np.nan
+    layer_rows["correction"] = "benjamini-hochberg over layers x modules"
+    frames.append(layer_rows)
+
+    frame = pd.concat(frames, ignore_index=True)
+    frame["layer"] = frame["layer"].astype("Int64")
+    frame["significant"] = (frame["p_adjusted"] < alpha).fillna(False).astype(bool)
+    frame["n_pairs"] = frame["n_pairs"].astype("int64")
+    frame["response_tokens_a"] = mean_or_nan(tokens_a)
+    frame["response_tokens_b"] = mean_or_nan(tokens_b)
+    return frame
+
+
+def rename_kinds(results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {"mean_first": "mean_b", "mean_second": "mean_a"}
+    return {names.get(key, key): value for key, value in results.items()}
+
+
+def length_regression_rows(
+    first: FileSamples,
+    second: FileSamples,
+    weights_a: np.ndarray,
+    weights_b: np.ndarray,
+    confidence: float,
+) -> pd.DataFrame:
+    """The kind difference ``a - b`` at equal response length, per module, metric and statistic.
+
+    See :func:`stats.length_regression`: ``kind_coefficient`` is ``b_kind`` of
+    ``y ~ 1 + kind + log(n_response_tokens)`` on every ok sample of both files, where ``y`` is a
+    sample's level (mean over layers) or its own MAD across layers; ``raw_difference`` is the
+    plain difference of the means, for comparison. Intervals: percentile bootstrap, each file
+    resampled independently with the same weights as its curves.
+    """
+    labels = {
+        "model": first.labels["model"],
+        "dataset": first.labels["dataset"],
+        "condition": first.labels["condition"],
+        "task": first.labels["task"],
+        "kind_a": first.labels["kind"],
+        "kind_b": second.labels["kind"],
+    }
+    features = pd.MultiIndex.from_product(
+        [first.modules, first.metrics], names=["module", "metric"]
+    )
+    frames = []
+    for statistic, function in KIND_TEST_SCOPES.items():
+        fit = st.length_regression(
+            function(first.flat()),
+            first.response_tokens,
+            function(second.flat()),
+            second.response_tokens,
+            weights_a,
+            weights_b,
+        )
+        kind_low, kind_high = st.percentile_interval(fit["kind_replicates"], confidence)
+        length_low, length_high = st.percentile_interval(fit["length_replicates"], confidence)
+        frame = long_frame(
+            {**labels, "statistic": statistic},
+            features,
+            {
+                "raw_difference": fit["raw_difference"],
+                "kind_coefficient": fit["kind_coefficient"],
+                "ci_low": kind_low,
+                "ci_high": kind_high,
+                "length_coefficient": fit["length_coefficient"],
+                "length_ci_low": length_low,
+                "length_ci_high": length_high,
+            },
+        )
+        frame["n_a"], frame["n_b"] = fit["n_a"], fit["n_b"]
+        frame["length_overlap"] = fit["overlap"]
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["response_tokens_a"] = mean_or_nan(first.response_tokens)
+    frame["response_tokens_b"] = mean_or_nan(second.response_tokens)
+    return frame
+
+
+REPLICATE_METRICS = ("nuclear_norm",)
+
+
+def replicate_rows(
+    labels: dict[str, str],
+    samples: FileSamples,
+    replicates: dict[str, np.ndarray],
+    group: int,
+) -> pd.DataFrame:
+    """Long rows of bootstrap replicates (B, G, module * metric) of group ``group``.
+
+    Kept for :data:`REPLICATE_METRICS` only: enough for the findings' comparisons across models,
+    which need replicates of each model (independent samples) to form an interval of a difference.
+    """
+    metrics = [m for m in samples.metrics if m in REPLICATE_METRICS]
+    keep = [samples.metrics.index(m) for m in metrics]
+    frames = []
+    for statistic, values in replicates.items():
+        by_feature = values[:, group, :].reshape(values.shape[0], len(samples.modules), -1)
+        chosen = by_feature[:, :, keep]
+        index = pd.MultiIndex.from_product(
+            [range(chosen.shape[0]), samples.modules, metrics],
+            names=["replicate", "module", "metric"],
+        )
+        frames.append(long_frame({**labels, "statistic": statistic}, index, {"value": chosen}))
+    return concat(frames)
+
+
 @dataclass
 class Summary:
     """Every table of one model's summary."""
@@ -530,6 +739,102 @@ class Summary:
     relative_difference: pd.DataFrame
     paired_tests: pd.DataFrame
     status_counts: pd.DataFrame
+    kind_tests: pd.DataFrame
+    length_regression: pd.DataFrame
+    replicates: pd.DataFrame
+
+
+TABLES = (
+    "curves",
+    "mad",
+    "contrasts",
+    "relative_difference",
+    "paired_tests",
+    "kind_tests",
+    "length_regression",
+    "replicates",
+)
+
+
+def file_statistics(arrays, groups, n_bootstrap: int, confidence: float, seed: int):
+    """Curves, MAD rows, file summaries and bootstrap weights of every file."""
+    curves, mads, summaries, weights = [], [], {}, {}
+    for key, samples in arrays.items():
+        rng = seeded_rng(seed, samples.labels["model"], *key)
+        weights[key] = st.bootstrap_weights(rng, samples.n, n_bootstrap)
+        curves.append(curve_rows(samples, weights[key], confidence))
+        summaries[key] = summarise_file(samples, groups, weights[key])
+        mads.append(mad_rows(summaries[key], groups, confidence))
+    return curves, mads, summaries, weights
+
+
+def kind_statistics(summaries, weights, groups, confidence: float):
+    """Contrasts, paired kind tests and length regressions of every two kinds of one task."""
+    by_task: dict[tuple[str, str], dict[str, tuple]] = {}
+    for key, summary in summaries.items():
+        labels = summary.samples.labels
+        by_task.setdefault((labels["dataset"], labels["task"]), {})[labels["kind"]] = key
+    contrasts, tests, regressions = [], [], []
+    for kinds in by_task.values():
+        for a, b in kind_pairs(list(kinds)):
+            first, second = summaries[kinds[a]], summaries[kinds[b]]
+            contrasts.append(contrast_rows(first, second, groups, confidence))
+            tests.append(kind_test_rows(first.samples, second.samples, 1 - confidence))
+            regressions.append(
+                length_regression_rows(
+                    first.samples,
+                    second.samples,
+                    weights[kinds[a]],
+                    weights[kinds[b]],
+                    confidence,
+                )
+            )
+    return contrasts, tests, regressions
+
+
+def condition_statistics(arrays, groups, n_bootstrap: int, confidence: float, seed: int):
+    """Relative differences, paired tests and relative-difference replicates, correct/irrelevant."""
+    relative, tests, replicates = [], [], []
+    all_group = list(groups).index("all")
+    for correct, irrelevant in condition_pairs(arrays):
+        labels = correct.labels
+        rng = seeded_rng(seed, labels["model"], labels["task"], labels["kind"], "paired")
+        drawn: list[np.ndarray] = []
+
+        def weights_for(n, rng=rng, drawn=drawn):
+            drawn.append(st.bootstrap_weights(rng, n, n_bootstrap))
+            return drawn[-1]
+
+        relative.append(
+            relative_difference_rows(correct, irrelevant, groups, weights_for, confidence)
+        )
+        tests.append(paired_test_rows(correct, irrelevant, 1 - confidence))
+        replicates.append(
+            relative_replicate_rows(correct, irrelevant, groups, drawn[-1], all_group)
+        )
+    return relative, tests, replicates
+
+
+def relative_replicate_rows(correct, irrelevant, groups, weights, group: int) -> pd.DataFrame:
+    """Replicates of (irrelevant - correct) / correct of the all-layer level and MAD (paired)."""
+    x_correct, x_irrelevant = matched(correct, irrelevant)
+    curves_c = st.weighted_means(x_correct, weights)
+    curves_i = st.weighted_means(x_irrelevant, weights)
+    replicates = {
+        f"relative_difference_{name}": st.relative_difference(
+            st.group_statistic(curves_c, groups, function),
+            st.group_statistic(curves_i, groups, function),
+        )
+        for name, function in (("level", st.level), ("mad", st.mad))
+    }
+    labels = {
+        "dataset": correct.labels["dataset"],
+        "condition": "irrelevant_vs_correct",
+        "task": correct.labels["task"],
+        "kind": correct.labels["kind"],
+        "file": correct.labels["file"],
+    }
+    return replicate_rows(labels, correct, replicates, group)
 
 
 def summarise(frame: pd.DataFrame, n_bootstrap: int, confidence: float, seed: int) -> Summary:
@@ -548,41 +853,32 @@ def summarise(frame: pd.DataFrame, n_bootstrap: int, confidence: float, seed: in
     )
 
     started = time.perf_counter()
-    curves, mads, summaries = [], [], {}
-    for key, samples in arrays.items():
-        rng = seeded_rng(seed, samples.labels["model"], *key)
-        weights = st.bootstrap_weights(rng, samples.n, n_bootstrap)
-        curves.append(curve_rows(samples, weights, confidence))
-        summaries[key] = summarise_file(samples, groups, weights)
-        mads.append(mad_rows(summaries[key], groups, confidence))
+    curves, mads, summaries, weights = file_statistics(
+        arrays, groups, n_bootstrap, confidence, seed
+    )
+    all_group = list(groups).index("all")
+    replicates = [
+        replicate_rows(
+            {
+                key: summary.samples.labels[key]
+                for key in ("dataset", "condition", "task", "kind", "file")
+            },
+            summary.samples,
+            {"level": summary.level_replicates, "mad": summary.mad_replicates},
+            all_group,
+        )
+        for summary in summaries.values()
+    ]
     log.info("curves and MAD of %d files (%.2fs)", len(arrays), time.perf_counter() - started)
 
     started = time.perf_counter()
-    contrasts = []
-    by_task: dict[tuple[str, str], dict[str, FileSummary]] = {}
-    for summary in summaries.values():
-        labels = summary.samples.labels
-        by_task.setdefault((labels["dataset"], labels["task"]), {})[labels["kind"]] = summary
-    for kinds in by_task.values():
-        for a, b in kind_pairs(list(kinds)):
-            contrasts.append(contrast_rows(kinds[a], kinds[b], groups, confidence))
-    log.info("%d kind contrasts (%.2fs)", len(contrasts), time.perf_counter() - started)
+    contrasts, kind_tests, regressions = kind_statistics(summaries, weights, groups, confidence)
+    log.info("%d kind comparisons (%.2fs)", len(contrasts), time.perf_counter() - started)
 
     started = time.perf_counter()
-    relative, tests = [], []
-    for correct, irrelevant in condition_pairs(arrays):
-        labels = correct.labels
-        rng = seeded_rng(seed, labels["model"], labels["task"], labels["kind"], "paired")
-        relative.append(
-            relative_difference_rows(
-                correct,
-                irrelevant,
-                groups,
-                lambda n, rng=rng: st.bootstrap_weights(rng, n, n_bootstrap),
-                confidence,
-            )
-        )
-        tests.append(paired_test_rows(correct, irrelevant, 1 - confidence))
+    relative, tests, relative_replicates = condition_statistics(
+        arrays, groups, n_bootstrap, confidence, seed
+    )
     log.info("%d correct/irrelevant pairs (%.2fs)", len(tests), time.perf_counter() - started)
 
     return Summary(
@@ -592,10 +888,14 @@ def summarise(frame: pd.DataFrame, n_bootstrap: int, confidence: float, seed: in
         relative_difference=concat(relative),
         paired_tests=concat(tests),
         status_counts=counts,
+        kind_tests=concat(kind_tests),
+        length_regression=concat(regressions),
+        replicates=concat(replicates + relative_replicates),
     )
 
 
 def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [frame for frame in frames if len(frame)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -603,7 +903,7 @@ def write_summary(summary: Summary, directory: Path, config_text: str) -> list[P
     """Write every table and the resolved config into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in ("curves", "mad", "contrasts", "relative_difference", "paired_tests"):
+    for name in TABLES:
         target = directory / f"{name}.parquet"
         getattr(summary, name).to_parquet(target, index=False)
         written.append(target)
@@ -614,6 +914,18 @@ def write_summary(summary: Summary, directory: Path, config_text: str) -> list[P
     target.write_text(config_text)
     written.append(target)
     return written
+
+
+def track(cfg: DictConfig, summary: Summary) -> None:
+    """Log the config and the per-layer curves of the plotted metrics to W&B (if enabled)."""
+    model = cfg.model.name
+    with tracking.start_run(
+        cfg, job_type="reduce", name=f"reduce-{model}", group=cfg.experiment.name
+    ) as run:
+        curves = summary.curves
+        for metric in ("nuclear_norm", "spectral_ratio"):
+            if len(curves) and metric in set(curves["metric"]):
+                tracking.log_curves(run, curves[curves["metric"] == metric], key=f"curves/{metric}")
 
 
 def reduce_command(cfg: DictConfig) -> int:
@@ -629,4 +941,6 @@ def reduce_command(cfg: DictConfig) -> int:
     directory = paths.summary_dir(cfg.results_dir, cfg.experiment.name, model)
     written = write_summary(summary, directory, to_yaml(cfg))
     log.info("wrote %d files to %s (%.2fs)", len(written), directory, time.perf_counter() - started)
+
+    track(cfg, summary)
     return 0

@@ -205,3 +205,99 @@ def relative_difference(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     """``(other - reference) / reference``: paper 1's relative difference, irrelevant vs correct."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return (other - reference) / reference
+
+
+def sample_mad(values: np.ndarray) -> np.ndarray:
+    """Each sample's own MAD across all its layers: ``mean_l |x[l+1] - x[l]|`` per sample.
+
+    Paper 1's MAD is of the mean curve (:func:`mad`); this per-sample version is what a paired
+    test of instability needs, one number per instruction. Input (n, L, F), output (n, F).
+    """
+    if values.shape[-2] < 2:
+        return np.full(values.shape[:-2] + values.shape[-1:], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.abs(np.diff(values, axis=-2)), axis=-2)
+
+
+def sample_level(values: np.ndarray) -> np.ndarray:
+    """Each sample's mean over its layers: (n, L, F) -> (n, F)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=-2)
+
+
+def length_design(indicator: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The design matrix ``[1, kind, log(tokens)]`` of the length-controlled comparison."""
+    return np.column_stack([np.ones_like(tokens), indicator, np.log(tokens)])
+
+
+def weighted_least_squares(
+    design: np.ndarray, values: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Coefficients of ``values ~ design`` under each weight row, per column, ignoring NaN.
+
+    Ordinary least squares (normal equations ``(Xᵀ W X) b = Xᵀ W y``) where ``W`` holds each
+    sample's bootstrap count, so a weight row is one resample. ``design`` is (n, p), ``values``
+    (n, F), ``weights`` (B, n); the result is (B, F, p). A sample whose value is NaN drops out of
+    that column's fit only. A singular system (e.g. a resample without both kinds) takes the
+    pseudo-inverse, and such a replicate's coefficients are NaN.
+    """
+    present = np.isfinite(values)
+    filled = np.where(present, values, 0.0)
+    gram = np.einsum("bn,nf,ni,nj->bfij", weights, present.astype(float), design, design)
+    moment = np.einsum("bn,nf,ni->bfi", weights, filled, design)
+    rank = np.linalg.matrix_rank(gram)
+    with np.errstate(invalid="ignore"):
+        coefficients = np.einsum("bfij,bfj->bfi", np.linalg.pinv(gram), moment)
+    coefficients[rank < design.shape[1]] = np.nan
+    return coefficients
+
+
+def length_regression(
+    values_a: np.ndarray,
+    tokens_a: np.ndarray,
+    values_b: np.ndarray,
+    tokens_b: np.ndarray,
+    weights_a: np.ndarray,
+    weights_b: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Kind ``a`` against kind ``b`` with response length held fixed (analysis of covariance).
+
+    Fits ``y = b0 + b_kind * [sample is of kind a] + b_len * log(n_response_tokens)`` by least
+    squares on the samples of both kinds, per column of ``values`` (n, F). ``b_kind`` is the
+    difference between the kinds at equal length; the raw difference of means is returned next to
+    it. Replicates come from resampling each kind's samples independently (``weights_a`` (B, n_a),
+    ``weights_b`` (B, n_b)). When the two kinds' lengths do not overlap, ``b_kind`` is an
+    extrapolation along the fitted length slope: ``overlap`` (the share of kind ``a``'s samples
+    whose length lies within kind ``b``'s range) says how much the data support it.
+    """
+    usable_a, usable_b = tokens_a > 0, tokens_b > 0
+    values = np.concatenate([values_a[usable_a], values_b[usable_b]])
+    tokens = np.concatenate([tokens_a[usable_a], tokens_b[usable_b]])
+    indicator = np.concatenate([np.ones(usable_a.sum()), np.zeros(usable_b.sum())])
+    design = length_design(indicator, tokens)
+    point = weighted_least_squares(design, values, np.ones((1, tokens.size)))[0]
+    weights = np.concatenate([weights_a[:, usable_a], weights_b[:, usable_b]], axis=1)
+    replicates = weighted_least_squares(design, values, weights)
+
+    lengths_b = tokens_b[usable_b]
+    overlap = (
+        float(
+            np.mean(
+                (tokens_a[usable_a] >= lengths_b.min()) & (tokens_a[usable_a] <= lengths_b.max())
+            )
+        )
+        if usable_a.any() and usable_b.any()
+        else float("nan")
+    )
+    return {
+        "kind_coefficient": point[:, 1],
+        "kind_replicates": replicates[:, :, 1],
+        "length_coefficient": point[:, 2],
+        "length_replicates": replicates[:, :, 2],
+        "raw_difference": sample_means(values_a[usable_a]) - sample_means(values_b[usable_b]),
+        "n_a": int(usable_a.sum()),
+        "n_b": int(usable_b.sum()),
+        "overlap": overlap,
+    }
