@@ -16,10 +16,16 @@ from gradspec.findings import (
     HOLDS,
     INCONCLUSIVE,
     aggregate,
+    claim_five,
     claim_one,
+    claim_one_length,
     claim_three,
     findings_command,
     interval_verdict,
+    longer_verdict,
+    model_pairs,
+    model_role,
+    no_better_verdict,
     separation_verdict,
 )
 from gradspec.reduce import reduce_command, spectra_sources
@@ -178,3 +184,137 @@ def test_findings_files(tmp_path):
     assert markdown.startswith("# Findings: quickstart")
     assert "## Verdict rules" in markdown and "response tokens" in markdown
     assert "## Claim 1" in markdown and "## Claim 3" in markdown
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (-0.2, 0.3, HOLDS),
+        (-0.9, -0.6, FAILS),
+        (-0.7, -0.1, INCONCLUSIVE),
+        (math.nan, 0, INCONCLUSIVE),
+    ],
+)
+def test_longer_verdict(low, high, expected):
+    assert longer_verdict(low, high) == expected
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (0.01, 0.2, FAILS),
+        (-0.3, -0.1, HOLDS),
+        (-0.04, 0.03, HOLDS),
+        (-0.2, 0.2, INCONCLUSIVE),
+    ],
+)
+def test_no_better_verdict(low, high, expected):
+    assert no_better_verdict(low, high) == expected
+
+
+def test_claim_one_at_equal_length():
+    frame = contrasts([(-3.0, -1.0), (-1.0, 2.0)]).rename(columns={"difference": "raw_difference"})
+    frame = frame.assign(
+        kind_coefficient=[-2.0, 0.5], length_coefficient=1.0, length_overlap=0.0
+    ).drop(columns=["group", "value_a", "value_b"])
+    result = claim_one_length(frame)
+    assert result["counts"] == {HOLDS: 1, FAILS: 0, INCONCLUSIVE: 1}
+    assert result["verdict"] == INCONCLUSIVE
+    assert result["cells"][0]["length_overlap"] == 0.0
+
+
+def test_claim_five_on_relative_changes():
+    frame = contrasts([(-1.0, 1.0)] * 2).assign(
+        kind_a=["words_500", "words_1000"],
+        kind_b="words_100",
+        relative=[-0.1, -0.8],
+        relative_low=[-0.3, -0.9],
+        relative_high=[0.1, -0.6],
+    )
+    result = claim_five(frame)
+    assert [cell["verdict"] for cell in result["cells"]] == [HOLDS, FAILS]
+    assert result["verdict"] == INCONCLUSIVE
+    assert claim_five(frame.assign(kind_b="none")) == {"testable": False}
+
+
+THREE_MODELS = ["smollm2_135m_instruct", "smollm2_135m_instruct_base", "gemma3_270m"]
+
+
+def test_model_pairs_from_the_configs():
+    pairs = model_pairs([model_role(name) for name in THREE_MODELS])
+    assert pairs == [
+        {
+            "instruct": "smollm2_135m_instruct",
+            "base": "smollm2_135m_instruct_base",
+            "relation": "same weights, base template",
+        },
+        {
+            "instruct": "smollm2_135m_instruct",
+            "base": "gemma3_270m",
+            "relation": "different family and tuning",
+        },
+    ]
+
+
+# Every sample alike, so each bootstrap replicate equals the estimate and intervals are points.
+ZIGZAG, FLAT = [1.0, 9.0, 1.0, 9.0], [5.0, 5.0, 5.0, 5.0]
+
+
+def model_values(model: str, kind: str, condition: str) -> list[list[float]]:
+    """The instruct model zigzags on fast kinds (MAD 8, level 5); the others are flat.
+
+    Irrelevant Detailed responses are 1.5 x the correct ones for every model (|relative| 0.5).
+    """
+    curve = ZIGZAG if model == "smollm2_135m_instruct" and kind != "detailed" else FLAT
+    factor = 1.5 if condition == "irrelevant" and kind == "detailed" else 1.0
+    return [[factor * v for v in curve]] * 3
+
+
+def test_cross_model_claims_by_hand(tmp_path):
+    cfg = compose(
+        [
+            f"results_dir={tmp_path}",
+            "experiment=quickstart",
+            f"experiment.models=[{','.join(THREE_MODELS)}]",
+            "reduce.n_bootstrap=50",
+            "wandb.mode=disabled",
+        ]
+    )
+    for model in THREE_MODELS:
+        for source in spectra_sources(cfg, model):
+            values = model_values(model, source.spec.kind, source.spec.condition)
+            source.path.parent.mkdir(parents=True, exist_ok=True)
+            spectra_rows(source.spec.file, source.spec.dataset, values).to_parquet(source.path)
+        reduce_command(compose([*cfg_overrides(tmp_path), f"model={model}"]))
+    findings_command(cfg)
+
+    record = json.loads(
+        (paths.experiment_dir(tmp_path, "quickstart") / "findings.json").read_text()
+    )
+    two = record["claims"]["2"]
+    assert two["verdict"] == HOLDS and len(two["pairs"]) == 2
+    for pair in two["pairs"]:
+        for cell in pair["cells"]:
+            # MAD / level: zigzag (8 / 5) against flat (0 / 5).
+            assert cell["instruct"] == pytest.approx(8 / 5)
+            assert cell["base"] == pytest.approx(0.0)
+            assert cell["ci_low"] == pytest.approx(8 / 5) and cell["verdict"] == HOLDS
+    four = record["claims"]["4"]
+    for pair in four["pairs"]:
+        for cell in pair["cells"]:
+            assert cell["instruct"] == pytest.approx(0.5) and cell["base"] == pytest.approx(0.5)
+            assert cell["difference"] == pytest.approx(0.0)
+        assert pair["verdict"] == HOLDS
+    assert record["models"]["gemma3_270m"]["5"] == "not testable"
+
+    markdown = (paths.experiment_dir(tmp_path, "quickstart") / "findings.md").read_text()
+    assert "## Claim 2" in markdown and "same weights, base template" in markdown
+    assert "differ in family" in markdown
+    overall = (tmp_path / "findings.md").read_text()
+    assert overall.startswith("# Findings: every experiment")
+    assert "| quickstart | smollm2_135m_instruct vs gemma3_270m |" in overall
+
+
+def cfg_overrides(results) -> list[str]:
+    return [f"results_dir={results}", "experiment=quickstart", "reduce.n_bootstrap=50",
+            "wandb.mode=disabled"]  # fmt: skip

@@ -1,15 +1,25 @@
 """Paper 1's claims tested on an experiment's summaries: holds, does not hold, or inconclusive.
 
 ``findings_command`` reads the summary of every model in ``cfg.experiment.models`` and writes
-``results/<experiment>/findings.md`` (all models) and ``results/<experiment>/<model>/summary/
-findings.json`` (one model, machine-readable). A claim that the experiment's files cannot test
-(e.g. no irrelevant responses) is reported as not testable, not as a verdict.
 
-The claims, from paper 1 (fast vs. slow thinking), on the nuclear norm:
+- ``results/<experiment>/<model>/summary/findings.json``: one model's claims (1, 3, 5), with the
+  numbers behind each verdict;
+- ``results/<experiment>/findings.json`` and ``findings.md``: every model, and the claims that
+  compare models (2, 4);
+- ``results/findings.md``: every experiment's verdicts side by side, rebuilt from each
+  ``results/*/findings.json`` (also ``python -m gradspec.findings overall [overrides]``).
 
-1. Detailed CoT gives smaller gradients than None and Simplified CoT: a lower mean over layers of
-   the mean curve and a smaller MAD across layers.
+A claim that the experiment's files cannot test (e.g. no irrelevant responses, no Detailed CoT)
+is reported as not testable, not as a verdict.
+
+The claims, from paper 1 (fast vs. slow thinking), on the nuclear norm of correct responses:
+
+1. Detailed CoT gives smaller gradients than None and Simplified CoT: a lower mean over layers
+   of the mean curve and a smaller MAD across layers; also asked at equal response length.
+2. Base models are less affected by the instability of fast thinking than instruct models.
 3. With Detailed CoT the gradients tell correct from irrelevant responses; without CoT they don't.
+4. Instruct models are no better than base models at telling correct from irrelevant responses.
+5. On knowledge data, longer responses do not give the Detailed CoT pattern.
 
 The verdict rules are in :data:`RULES` and are written into the Markdown file verbatim.
 """
@@ -22,10 +32,12 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gradspec import paths
+from gradspec.config import compose
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +46,62 @@ GROUP = "all"
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 COMPARED_TO_DETAILED = ("none", "simplified")
 
+# Claim 5: the knowledge data's short answers and the longer answers compared with them.
+SHORT_KIND = "words_100"
+LONGER_KINDS = ("words_500", "words_1000")
+# Claim 5: a reduction by more than this share of the short answers' value is Detailed-like.
+DETAILED_LIKE_REDUCTION = 0.5
+# Claim 4: differences in separation within this margin count as "no better".
+EQUIVALENCE_MARGIN = 0.05
+
 STATEMENTS = {
     "1": "Detailed CoT gives smaller gradients (nuclear norm: lower mean over layers) and a "
     "smaller MAD across layers than None and Simplified CoT (correct responses).",
+    "2": "Base models are less affected than instruct models by the instability of fast "
+    "thinking: with None and Simplified CoT, the MAD across layers (relative to the curve's "
+    "level) is larger for the instruct model.",
     "3": "With Detailed CoT the gradients tell correct from irrelevant responses to the same "
     "instructions (significant paired difference); without CoT (None) they do not.",
+    "4": "Instruct models are no better than base models at telling correct from irrelevant "
+    "Detailed CoT responses.",
+    "5": "On knowledge data (Wikipedia), longer responses (100 -> 500 -> 1000 words) do not "
+    "reduce the nuclear norm or its MAD the way Detailed CoT does.",
 }
 RULES = {
     "cell": "A comparison cell (task, kind pair, statistic, module) is compared on "
     "`difference = Detailed - other` with its percentile bootstrap interval (files resampled "
     "independently): **holds** when the whole interval is below zero, **does not hold** when the "
     "whole interval is above zero, **inconclusive** when it contains zero.",
+    "length": "Claim 1 at equal length: the same cell rule on `b_kind` of the per-sample "
+    "regression `y = b0 + b_kind [Detailed] + b_len log(n_response_tokens)` (y: a sample's mean "
+    "over layers, or its own MAD across layers), each file resampled independently. Where the "
+    "kinds' lengths do not overlap (length_overlap = 0), b_kind extrapolates along the fitted "
+    "slope and is to be read with that in mind.",
     "separation": "For one task, take the paired Wilcoxon test of each module on the per-sample "
     "mean over layers (irrelevant - correct, same instructions), Holm-adjusted over modules, "
     "significant when the adjusted p is below alpha. With s_D and s_N the shares of modules "
     "significant for Detailed CoT and for None: **holds** when s_D > 1/2 and s_N <= 1/2; "
     "**does not hold** when s_N > 1/2 (None responses are told apart too); **inconclusive** "
     "otherwise (neither kind is told apart in most modules, which can be a lack of samples).",
+    "instability": "Claim 2, per pair (instruct model with its chat template; model prompted "
+    "with the base template), task, fast kind (None, Simplified CoT) and module: r = MAD / level "
+    "of the mean curve over all layers (scale-free, so models of different size and family can "
+    "be compared), d = r_instruct - r_base with the percentile interval of the replicate "
+    "differences (models resampled independently): **holds** when the interval is above zero, "
+    "**does not hold** when below zero, **inconclusive** otherwise.",
+    "no_better": "Claim 4, per pair, task and module: s = |(irrelevant - correct) / correct| of "
+    "the Detailed CoT level over all layers (paired bootstrap within each model), d = "
+    "s_instruct - s_base with the interval of the replicate differences: **does not hold** when "
+    f"the interval is above zero (instruct better); **holds** when it is below zero or lies "
+    f"within +-{EQUIVALENCE_MARGIN} (equivalent); **inconclusive** otherwise.",
+    "longer": f"Claim 5, per model, task with {SHORT_KIND} answers, longer kind "
+    f"({', '.join(LONGER_KINDS)}), statistic (level, MAD) and module: the relative change "
+    f"q = (longer - {SHORT_KIND}) / {SHORT_KIND} with its bootstrap interval: **holds** when the "
+    f"interval lies above -{DETAILED_LIKE_REDUCTION} (surely less than a "
+    f"{DETAILED_LIKE_REDUCTION:.0%} reduction), **does not hold** when it lies below "
+    f"-{DETAILED_LIKE_REDUCTION} (a Detailed-like reduction), **inconclusive** otherwise. The "
+    "Detailed CoT reduction measured on the reasoning data is shown beside it in the overall "
+    "findings.",
     "aggregate": "A claim's verdict over many cells or tasks: **holds** when more than half hold "
     "and none does not hold; **does not hold** when more than half do not hold and none holds; "
     "**inconclusive** otherwise.",
@@ -60,7 +111,17 @@ LENGTH_CAVEAT = (
     "is at most the number of tokens, and with the loss averaged over response tokens its norms "
     "depend on the response length. Detailed CoT responses are much longer than None or "
     "Simplified CoT responses, so part of any difference between kinds can be length alone: the "
-    "mean response tokens are reported next to every comparison."
+    "mean response tokens are reported next to every comparison. Two controls: claim 1 is also "
+    "judged on the kind coefficient of a regression on log(n_response_tokens) (rule `length`), "
+    "and the whole experiment can be rerun with the loss summed over response tokens "
+    "(`overrides='prompt.loss_reduction=sum'` with another `results_dir`), where each token's "
+    "gradient counts in full instead of 1/T."
+)
+MODEL_CAVEAT = (
+    "SmolLM2-135M-Instruct and Gemma-3-270M differ in family, size and training data as well as "
+    "in tuning, so a difference between them is not the effect of instruction tuning alone. "
+    "smollm2_135m_instruct_base is the same SmolLM2 weights prompted with the base template: "
+    "that pair asks the question of the same weights, with the chat markup as the only change."
 )
 
 
@@ -244,18 +305,152 @@ def read_optional(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
 
+def claim_one_length(regression: pd.DataFrame) -> dict:
+    """Claim 1 at equal response length: the cell rule on the regression's kind coefficient."""
+    if regression.empty:
+        return {"testable": False}
+    cells = regression[
+        (regression["condition"] == "correct")
+        & (regression["metric"] == METRIC)
+        & (regression["kind_a"] == "detailed")
+        & (regression["kind_b"].isin(COMPARED_TO_DETAILED))
+    ].copy()
+    if cells.empty:
+        return {"testable": False}
+    cells["verdict"] = [
+        interval_verdict(low, high) for low, high in zip(cells.ci_low, cells.ci_high, strict=True)
+    ]
+    columns = [
+        "task",
+        "kind_a",
+        "kind_b",
+        "statistic",
+        "module",
+        "raw_difference",
+        "kind_coefficient",
+        "ci_low",
+        "ci_high",
+        "length_coefficient",
+        "length_overlap",
+        "n_a",
+        "n_b",
+        "response_tokens_a",
+        "response_tokens_b",
+        "verdict",
+    ]
+    verdicts = cells["verdict"].tolist()
+    return {
+        "testable": True,
+        "verdict": aggregate(verdicts),
+        "counts": counts(verdicts),
+        "by_statistic": {
+            statistic: aggregate(part["verdict"].tolist())
+            for statistic, part in cells.groupby("statistic", sort=False)
+        },
+        "cells": records(cells[columns]),
+    }
+
+
+def longer_verdict(low: float, high: float, reduction: float = DETAILED_LIKE_REDUCTION) -> str:
+    """Claim 5's rule on the interval of a relative change (see :data:`RULES`)."""
+    if math.isnan(low) or math.isnan(high):
+        return INCONCLUSIVE
+    if low > -reduction:
+        return HOLDS
+    if high < -reduction:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def claim_five(contrasts: pd.DataFrame) -> dict:
+    """Claim 5 on the longer-minus-short contrasts of correct knowledge answers."""
+    if contrasts.empty:
+        return {"testable": False}
+    cells = contrasts[
+        (contrasts["condition"] == "correct")
+        & (contrasts["metric"] == METRIC)
+        & (contrasts["group"] == GROUP)
+        & (contrasts["kind_b"] == SHORT_KIND)
+        & (contrasts["kind_a"].isin(LONGER_KINDS))
+    ].copy()
+    if cells.empty:
+        return {"testable": False}
+    cells["verdict"] = [
+        longer_verdict(low, high)
+        for low, high in zip(cells.relative_low, cells.relative_high, strict=True)
+    ]
+    columns = [
+        "task",
+        "kind_a",
+        "kind_b",
+        "statistic",
+        "module",
+        "value_a",
+        "value_b",
+        "relative",
+        "relative_low",
+        "relative_high",
+        "n_a",
+        "n_b",
+        "response_tokens_a",
+        "response_tokens_b",
+        "verdict",
+    ]
+    verdicts = cells["verdict"].tolist()
+    return {
+        "testable": True,
+        "verdict": aggregate(verdicts),
+        "counts": counts(verdicts),
+        "by_statistic": {
+            statistic: aggregate(part["verdict"].tolist())
+            for statistic, part in cells.groupby("statistic", sort=False)
+        },
+        "cells": records(cells[columns]),
+    }
+
+
+def detailed_reduction(contrasts: pd.DataFrame) -> dict[str, float]:
+    """Median relative change Detailed vs None (correct, all layers) per statistic, for context."""
+    if contrasts.empty:
+        return {}
+    rows = contrasts[
+        (contrasts["condition"] == "correct")
+        & (contrasts["metric"] == METRIC)
+        & (contrasts["group"] == GROUP)
+        & (contrasts["kind_a"] == "detailed")
+        & (contrasts["kind_b"] == "none")
+    ]
+    return {
+        statistic: float(part["relative"].median())
+        for statistic, part in rows.groupby("statistic", sort=False)
+    }
+
+
+def loss_reduction(summary: Path) -> str | None:
+    """How the loss was reduced over response tokens in the run behind the summary."""
+    config = summary / "config.yaml"
+    if not config.exists():
+        return None
+    return OmegaConf.select(OmegaConf.load(config), "prompt.loss_reduction")
+
+
 def model_findings(summary: Path, model: str, experiment: str, confidence: float) -> dict:
-    """Both claims' verdicts and the numbers behind them for one model's summary."""
+    """One model's claims (1, 3, 5) and the numbers behind them."""
     mad = read_optional(summary / "mad.parquet")
     tokens = response_tokens(mad) if len(mad) else {}
+    contrasts = read_optional(summary / "contrasts.parquet")
     claims = {
-        "1": claim_one(read_optional(summary / "contrasts.parquet")),
+        "1": claim_one(contrasts),
         "3": claim_three(
             read_optional(summary / "paired_tests.parquet"),
             read_optional(summary / "relative_difference.parquet"),
             tokens,
         ),
+        "5": claim_five(contrasts),
     }
+    claims["1"]["length_controlled"] = claim_one_length(
+        read_optional(summary / "length_regression.parquet")
+    )
     for key, claim in claims.items():
         claim["statement"] = STATEMENTS[key]
     return {
@@ -264,9 +459,180 @@ def model_findings(summary: Path, model: str, experiment: str, confidence: float
         "metric": METRIC,
         "confidence": confidence,
         "alpha": 1 - confidence,
+        "loss_reduction": loss_reduction(summary),
+        "detailed_vs_none_relative": detailed_reduction(contrasts),
         "rules": RULES,
         "claims": claims,
     }
+
+
+# ------------------------------------------------------------------------------------------
+# Claims across models
+
+
+def model_role(name: str) -> dict:
+    """A model's tuning, template and source, from its config entry."""
+    model = compose([f"model={name}"]).model
+    source = model.hf_id or f"{model.package}:{model.gguf_file}"
+    return {
+        "name": name,
+        "family": model.family,
+        "tuning": model.tuning,
+        "template": model.template,
+        "source": source,
+    }
+
+
+def model_pairs(roles: list[dict]) -> list[dict]:
+    """(instruct, base) pairs: an instruct model with its chat template against each model that
+    is prompted as a base model (a base model, or instruct weights with the base template)."""
+    instruct = [r for r in roles if r["tuning"] == "instruct" and r["template"] == "chat"]
+    base = [r for r in roles if r["tuning"] == "base" or r["template"] == "base"]
+    pairs = []
+    for first in instruct:
+        for second in base:
+            if first["source"] == second["source"]:
+                relation = "same weights, base template"
+            elif first["family"] == second["family"]:
+                relation = "same family"
+            else:
+                relation = "different family and tuning"
+            pairs.append({"instruct": first["name"], "base": second["name"], "relation": relation})
+    return pairs
+
+
+def replicate_values(replicates: pd.DataFrame, statistic: str, condition: str) -> pd.DataFrame:
+    """Replicates of one statistic indexed by (task, kind, module, replicate)."""
+    rows = replicates[
+        (replicates["statistic"] == statistic)
+        & (replicates["condition"] == condition)
+        & (replicates["metric"] == METRIC)
+    ]
+    return rows.set_index(["task", "kind", "module", "replicate"])["value"]
+
+
+def instability(replicates: pd.DataFrame) -> pd.Series:
+    """MAD / level over all layers of each correct file's resampled mean curves."""
+    mad = replicate_values(replicates, "mad", "correct")
+    level = replicate_values(replicates, "level", "correct")
+    return mad / level
+
+
+def separation(replicates: pd.DataFrame) -> pd.Series:
+    """|relative difference of the level|, irrelevant vs correct, of each paired resample."""
+    return replicate_values(replicates, "relative_difference_level", "irrelevant_vs_correct").abs()
+
+
+def difference_cells(first: pd.Series, second: pd.Series, kinds, confidence: float):
+    """Per (task, kind, module): the percentile interval of ``first - second`` over replicates.
+
+    The two models' samples are resampled independently, so replicate b of one model paired with
+    replicate b of the other is a draw of the difference (two-sample bootstrap).
+    """
+    joined = pd.concat({"first": first, "second": second}, axis=1, join="inner").dropna()
+    joined = joined[joined.index.get_level_values("kind").isin(kinds)]
+    joined["difference"] = joined["first"] - joined["second"]
+    tail = (1 - confidence) / 2
+    grouped = joined.groupby(level=["task", "kind", "module"], sort=False)
+    cells = grouped.agg(
+        first_median=("first", "median"),
+        second_median=("second", "median"),
+        ci_low=("difference", lambda d: float(np.quantile(d, tail))),
+        ci_high=("difference", lambda d: float(np.quantile(d, 1 - tail))),
+    )
+    return cells.reset_index()
+
+
+def point_instability(mad: pd.DataFrame) -> pd.Series:
+    rows = mad[
+        (mad["condition"] == "correct") & (mad["metric"] == METRIC) & (mad["group"] == GROUP)
+    ]
+    return rows.set_index(["task", "kind", "module"]).eval("mad / level")
+
+
+def point_separation(relative: pd.DataFrame) -> pd.Series:
+    rows = relative[
+        (relative["scope"] == "level")
+        & (relative["group"] == GROUP)
+        & (relative["metric"] == METRIC)
+    ]
+    return rows.set_index(["task", "kind", "module"])["relative_difference"].abs()
+
+
+def no_better_verdict(low: float, high: float, margin: float = EQUIVALENCE_MARGIN) -> str:
+    """Claim 4's rule on the interval of s_instruct - s_base (see :data:`RULES`)."""
+    if math.isnan(low) or math.isnan(high):
+        return INCONCLUSIVE
+    if low > 0:
+        return FAILS
+    if high < 0 or (low >= -margin and high <= margin):
+        return HOLDS
+    return INCONCLUSIVE
+
+
+def compare_models(
+    summaries: dict[str, Path], pair: dict, claim: str, confidence: float
+) -> dict | None:
+    """Claim 2 or 4 for one (instruct, base) pair; None when either summary lacks the data."""
+    tables = {}
+    for role in ("instruct", "base"):
+        directory = summaries[pair[role]]
+        replicates = read_optional(directory / "replicates.parquet")
+        if replicates.empty:
+            return None
+        if claim == "2":
+            point = point_instability(read_optional(directory / "mad.parquet"))
+            tables[role] = (instability(replicates), point)
+        else:
+            relative = read_optional(directory / "relative_difference.parquet")
+            if relative.empty:
+                return None
+            tables[role] = (separation(replicates), point_separation(relative))
+    kinds = COMPARED_TO_DETAILED if claim == "2" else ("detailed",)
+    cells = difference_cells(tables["instruct"][0], tables["base"][0], kinds, confidence)
+    if cells.empty:
+        return None
+    keys = list(zip(cells.task, cells.kind, cells.module, strict=True))
+    cells["instruct"] = tables["instruct"][1].reindex(keys).to_numpy()
+    cells["base"] = tables["base"][1].reindex(keys).to_numpy()
+    cells["difference"] = cells["instruct"] - cells["base"]
+    if claim == "2":
+        rule = [
+            interval_verdict(-high, -low)
+            for low, high in zip(cells.ci_low, cells.ci_high, strict=True)
+        ]
+    else:
+        rule = [
+            no_better_verdict(low, high)
+            for low, high in zip(cells.ci_low, cells.ci_high, strict=True)
+        ]
+    cells["verdict"] = rule
+    verdicts = cells["verdict"].tolist()
+    columns = ["task", "kind", "module", "instruct", "base", "difference", "ci_low", "ci_high",
+               "verdict"]  # fmt: skip
+    return {
+        **pair,
+        "verdict": aggregate(verdicts),
+        "counts": counts(verdicts),
+        "cells": records(cells[columns]),
+    }
+
+
+def cross_model_claims(summaries: dict[str, Path], confidence: float) -> dict:
+    """Claims 2 and 4 for every (instruct, base) pair of the experiment's models."""
+    pairs = model_pairs([model_role(name) for name in summaries])
+    claims = {}
+    for key in ("2", "4"):
+        compared = [compare_models(summaries, pair, key, confidence) for pair in pairs]
+        compared = [item for item in compared if item is not None]
+        claims[key] = {
+            "statement": STATEMENTS[key],
+            "testable": bool(compared),
+            "pairs": compared,
+        }
+        if compared:
+            claims[key]["verdict"] = aggregate([item["verdict"] for item in compared])
+    return claims
 
 
 def number(value, digits: int = 4) -> str:
@@ -280,33 +646,6 @@ def number(value, digits: int = 4) -> str:
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def claim_one_section(result: dict) -> list[str]:
-    claim = result["claims"]["1"]
-    lines = [f"### {result['model']}", ""]
-    if not claim["testable"]:
-        return [*lines, "Not testable: no Detailed CoT with None or Simplified CoT.", ""]
-    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
-    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
-    rows = [
-        [
-            cell["task"],
-            f"{cell['kind_a']} - {cell['kind_b']}",
-            cell["statistic"],
-            cell["module"],
-            number(cell["value_a"]),
-            number(cell["value_b"]),
-            f"{number(cell['difference'])} [{number(cell['ci_low'])}, {number(cell['ci_high'])}]",
-            f"{number(cell['response_tokens_a'], 3)} / {number(cell['response_tokens_b'], 3)}",
-            f"{cell['n_a']} / {cell['n_b']}",
-            cell["verdict"],
-        ]
-        for cell in claim["cells"]
-    ]
-    header = ["task", "kinds", "statistic", "module", "detailed", "other", "difference [CI]",
-              "response tokens", "n", "verdict"]  # fmt: skip
-    return [*lines, *markdown_table(header, rows), ""]
 
 
 def claim_three_section(result: dict) -> list[str]:
@@ -343,25 +682,239 @@ def claim_three_section(result: dict) -> list[str]:
     return lines
 
 
-def findings_markdown(experiment: str, results: list[dict], missing: list[str]) -> str:
-    """The whole findings file: rules, caveat, then each claim for each model."""
+def interval_text(value, low, high) -> str:
+    return f"{number(value)} [{number(low)}, {number(high)}]"
+
+
+def claim_one_section(result: dict) -> list[str]:
+    claim = result["claims"]["1"]
+    lines = [f"### {result['model']}", ""]
+    if not claim["testable"]:
+        return [*lines, "Not testable: no Detailed CoT with None or Simplified CoT.", ""]
+    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
+    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    rows = [
+        [
+            cell["task"],
+            f"{cell['kind_a']} - {cell['kind_b']}",
+            cell["statistic"],
+            cell["module"],
+            number(cell["value_a"]),
+            number(cell["value_b"]),
+            interval_text(cell["difference"], cell["ci_low"], cell["ci_high"]),
+            f"{number(cell['response_tokens_a'], 3)} / {number(cell['response_tokens_b'], 3)}",
+            f"{cell['n_a']} / {cell['n_b']}",
+            cell["verdict"],
+        ]
+        for cell in claim["cells"]
+    ]
+    header = ["task", "kinds", "statistic", "module", "detailed", "other", "difference [CI]",
+              "response tokens", "n", "verdict"]  # fmt: skip
+    lines += [*markdown_table(header, rows), ""]
+    return lines + length_section(claim.get("length_controlled", {"testable": False}))
+
+
+def length_section(claim: dict) -> list[str]:
+    lines = ["At equal response length (rule `length`):", ""]
+    if not claim["testable"]:
+        return [*lines, "Not testable: no per-sample token counts or no kinds to compare.", ""]
+    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
+    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    rows = [
+        [
+            cell["task"],
+            f"{cell['kind_a']} - {cell['kind_b']}",
+            cell["statistic"],
+            cell["module"],
+            number(cell["raw_difference"]),
+            interval_text(cell["kind_coefficient"], cell["ci_low"], cell["ci_high"]),
+            number(cell["length_coefficient"]),
+            number(cell["length_overlap"], 2),
+            f"{number(cell['response_tokens_a'], 3)} / {number(cell['response_tokens_b'], 3)}",
+            cell["verdict"],
+        ]
+        for cell in claim["cells"]
+    ]
+    header = ["task", "kinds", "statistic", "module", "raw difference", "b_kind [CI]", "b_len",
+              "length overlap", "response tokens", "verdict"]  # fmt: skip
+    return [*lines, *markdown_table(header, rows), ""]
+
+
+def claim_five_section(result: dict) -> list[str]:
+    claim = result["claims"]["5"]
+    lines = [f"### {result['model']}", ""]
+    if not claim["testable"]:
+        return [*lines, f"Not testable: no {SHORT_KIND} answers with longer ones.", ""]
+    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
+    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    rows = [
+        [
+            cell["task"],
+            f"{cell['kind_a']} vs {cell['kind_b']}",
+            cell["statistic"],
+            cell["module"],
+            number(cell["value_a"]),
+            number(cell["value_b"]),
+            interval_text(cell["relative"], cell["relative_low"], cell["relative_high"]),
+            f"{number(cell['response_tokens_a'], 3)} / {number(cell['response_tokens_b'], 3)}",
+            cell["verdict"],
+        ]
+        for cell in claim["cells"]
+    ]
+    header = ["task", "kinds", "statistic", "module", "longer", "short", "relative change [CI]",
+              "response tokens", "verdict"]  # fmt: skip
+    return [*lines, *markdown_table(header, rows), ""]
+
+
+def cross_model_section(claim: dict, value_name: str) -> list[str]:
+    if not claim["testable"]:
+        return ["Not testable: needs an instruct model (chat template) and a model prompted as a "
+                "base model, each with a summary.", ""]  # fmt: skip
+    lines = [f"**{claim['verdict']}** over {len(claim['pairs'])} pair(s)", ""]
+    for pair in claim["pairs"]:
+        lines += [
+            f"- {pair['instruct']} vs {pair['base']} ({pair['relation']}): **{pair['verdict']}** "
+            f"(cells: {counts_text(pair['counts'])})",
+            "",
+        ]
+        rows = [
+            [
+                cell["task"],
+                cell["kind"],
+                cell["module"],
+                number(cell["instruct"]),
+                number(cell["base"]),
+                interval_text(cell["difference"], cell["ci_low"], cell["ci_high"]),
+                cell["verdict"],
+            ]
+            for cell in pair["cells"]
+        ]
+        header = ["task", "kind", "module", f"{value_name} instruct", f"{value_name} base",
+                  "difference [CI]", "verdict"]  # fmt: skip
+        lines += [*markdown_table(header, rows), ""]
+    return lines
+
+
+def findings_markdown(
+    experiment: str, results: list[dict], missing: list[str], cross: dict | None = None
+) -> str:
+    """The whole findings file: rules, caveats, then each claim for each model or pair."""
     lines = [f"# Findings: {experiment}", ""]
     if results:
+        reductions = sorted({str(r.get("loss_reduction")) for r in results})
         lines += [
             f"Metric: {METRIC}; layer group: {GROUP}; intervals: {results[0]['confidence']:.0%} "
-            f"percentile bootstrap over samples; alpha = {results[0]['alpha']:.3g}.",
+            f"percentile bootstrap over samples; alpha = {results[0]['alpha']:.3g}; loss "
+            f"reduced over response tokens by: {', '.join(reductions)}.",
             "",
         ]
     lines += ["## Verdict rules", ""]
     lines += [f"- {name}: {text}" for name, text in RULES.items()]
     lines += ["", "## Response length", "", LENGTH_CAVEAT, ""]
+    lines += ["## Models", "", MODEL_CAVEAT, ""]
     if missing:
         lines += [f"Models without a summary (not reduced): {', '.join(missing)}.", ""]
-    for key, section in (("1", claim_one_section), ("3", claim_three_section)):
+    sections = (("1", claim_one_section), ("3", claim_three_section), ("5", claim_five_section))
+    for key, section in sections:
         lines += [f"## Claim {key}", "", STATEMENTS[key], ""]
         for result in results:
             lines += section(result)
+    for key, value_name in (("2", "MAD/level"), ("4", "|relative difference|")):
+        lines += [f"## Claim {key}", "", STATEMENTS[key], ""]
+        lines += cross_model_section((cross or {}).get(key, {"testable": False}), value_name)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Every experiment
+
+
+def verdict_of(claim: dict) -> str:
+    return claim.get("verdict", INCONCLUSIVE) if claim.get("testable") else "not testable"
+
+
+def experiment_record(experiment: str, results: list[dict], cross: dict, missing) -> dict:
+    """The experiment's verdicts in brief, per model and per pair, for the overall findings."""
+    per_model = {}
+    for result in results:
+        claims = result["claims"]
+        per_model[result["model"]] = {
+            "1": verdict_of(claims["1"]),
+            "1_length_controlled": verdict_of(claims["1"].get("length_controlled", {})),
+            "3": verdict_of(claims["3"]),
+            "5": verdict_of(claims["5"]),
+            "loss_reduction": result.get("loss_reduction"),
+            "detailed_vs_none_relative": result.get("detailed_vs_none_relative", {}),
+        }
+    per_pair = {
+        key: [
+            {k: pair[k] for k in ("instruct", "base", "relation", "verdict", "counts")}
+            for pair in claim.get("pairs", [])
+        ]
+        for key, claim in cross.items()
+    }
+    return {
+        "experiment": experiment,
+        "models": per_model,
+        "pairs": per_pair,
+        "missing": list(missing),
+        "claims": cross,
+    }
+
+
+def overall_markdown(records_: list[dict]) -> str:
+    """Every experiment's verdicts: one table per claim, rows experiment x model (or pair)."""
+    lines = ["# Findings: every experiment", "", "Rules, numbers and caveats: each experiment's "
+             "findings.md. Models differ in family as well as tuning (see there).", ""]  # fmt: skip
+    for key, label in (("1", "1"), ("1_length_controlled", "1 at equal length"), ("3", "3"),
+                       ("5", "5")):  # fmt: skip
+        lines += [f"## Claim {label}", "", STATEMENTS[key.split("_")[0]], ""]
+        rows = [
+            [record["experiment"], model, verdicts[key], str(verdicts.get("loss_reduction"))]
+            for record in records_
+            for model, verdicts in record["models"].items()
+        ]
+        lines += [*markdown_table(["experiment", "model", "verdict", "loss"], rows), ""]
+        if key == "5":
+            context = [
+                [record["experiment"], model, ", ".join(
+                    f"{k} {number(v, 3)}" for k, v in verdicts["detailed_vs_none_relative"].items()
+                )]
+                for record in records_
+                for model, verdicts in record["models"].items()
+                if verdicts.get("detailed_vs_none_relative")
+            ]  # fmt: skip
+            if context:
+                lines += ["Detailed vs None relative change (median over tasks and modules), for "
+                          "comparison with the longer answers:", ""]  # fmt: skip
+                lines += [*markdown_table(["experiment", "model", "relative change"], context), ""]
+    for key in ("2", "4"):
+        lines += [f"## Claim {key}", "", STATEMENTS[key], ""]
+        rows = [
+            [record["experiment"], f"{pair['instruct']} vs {pair['base']}", pair["relation"],
+             pair["verdict"], counts_text(pair["counts"])]
+            for record in records_
+            for pair in record["pairs"].get(key, [])
+        ]  # fmt: skip
+        header = ["experiment", "pair", "relation", "verdict", "cells"]
+        lines += [*markdown_table(header, rows), ""] if rows else ["Not testable anywhere.", ""]
+    return "\n".join(lines)
+
+
+def write_overall(results_dir: str | Path) -> Path:
+    """``results/findings.md`` from every ``results/*/findings.json``."""
+    root = Path(results_dir)
+    found = []
+    for path in sorted(root.glob("*/findings.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            log.warning("skipping unreadable %s", path)
+    target = root / "findings.md"
+    root.mkdir(parents=True, exist_ok=True)
+    target.write_text(overall_markdown(found))
+    log.info("overall findings of %d experiments in %s", len(found), target)
+    return target
 
 
 def findings_command(cfg: DictConfig) -> int:
@@ -369,7 +922,7 @@ def findings_command(cfg: DictConfig) -> int:
     started = time.perf_counter()
     experiment = cfg.experiment.name
     models = list(cfg.experiment.models) or [cfg.model.name]
-    results, missing = [], []
+    results, missing, summaries = [], [], {}
     for model in models:
         summary = paths.summary_dir(cfg.results_dir, experiment, model)
         if not (summary / "mad.parquet").exists():
@@ -378,13 +931,37 @@ def findings_command(cfg: DictConfig) -> int:
         result = model_findings(summary, model, experiment, cfg.reduce.confidence)
         (summary / "findings.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
+        summaries[model] = summary
     if missing:
         log.warning("no summary for %s", ", ".join(missing))
+    cross = cross_model_claims(summaries, cfg.reduce.confidence)
 
-    target = paths.experiment_dir(cfg.results_dir, experiment) / "findings.md"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(findings_markdown(experiment, results, missing))
+    directory = paths.experiment_dir(cfg.results_dir, experiment)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "findings.md").write_text(findings_markdown(experiment, results, missing, cross))
+    record = experiment_record(experiment, results, cross, missing)
+    (directory / "findings.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_overall(cfg.results_dir)
     log.info(
-        "findings for %d models in %s (%.2fs)", len(results), target, time.perf_counter() - started
+        "findings for %d models in %s (%.2fs)",
+        len(results),
+        directory,
+        time.perf_counter() - started,
     )
     return 0
+
+
+def overall_command(cfg: DictConfig) -> int:
+    """Rebuild ``results/findings.md`` from the experiments' findings.json files."""
+    write_overall(cfg.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    arguments = sys.argv[1:]
+    if not arguments or arguments[0] != "overall":
+        sys.exit("usage: python -m gradspec.findings overall [key=value ...]")
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(overall_command(compose(arguments[1:])))
