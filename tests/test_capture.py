@@ -72,8 +72,8 @@ def materialized_metrics(model, ids: list[int], n_prompt: int) -> dict[tuple[int
     return found
 
 
-def engine_metrics(model, batch: list[tuple[list[int], int]]):
-    with SpectralCapture(model) as capture:
+def engine_metrics(model, batch: list[tuple[list[int], int]], cosine: bool = False):
+    with SpectralCapture(model, cosine=cosine) as capture:
         ids = pad_batch([seq for seq, _ in batch])
         result = run_batch(capture, ids, [p for _, p in batch], [len(s) for s, _ in batch])
     return result, capture
@@ -206,3 +206,40 @@ def test_nonfinite_gradient_is_reported_for_that_sample_only():
     assert 1 in result.nonfinite_loss or 1 in result.nonfinite_gradient
     assert 0 not in result.nonfinite_loss and 0 not in result.nonfinite_gradient
     assert {b for b, _, _ in result.metrics} == {0}
+
+
+def test_cosines_from_factors_match_materialized_gradients(smollm2_float64):
+    model, tokenizer = smollm2_float64
+    path, index, _ = SAMPLES["short"]
+    record = data.load_records(data.resolve_data_path("resources/datasets", path))[index]
+    ids, n_prompt = encode_base(tokenizer, record.instruction, record.output)
+
+    targets = find_projections(model)
+    for _, module in targets:
+        module.weight.requires_grad_(True)
+    input_ids = torch.tensor([ids])
+    with torch.enable_grad():
+        logits = model(input_ids=input_ids).logits[0, n_prompt - 1 : -1]
+        nn.functional.cross_entropy(logits, input_ids[0, n_prompt:]).backward()
+    grads = {(t.layer, t.outputs[0].module): m.weight.grad.flatten().clone() for t, m in targets}
+    for _, module in targets:
+        module.weight.requires_grad_(False)
+        module.weight.grad = None
+
+    result, _ = engine_metrics(model, [(ids, n_prompt)], cosine=True)
+
+    def cos(a, b):
+        return (a @ b / (a.norm() * b.norm())).item()
+
+    worst = 0.0
+    for (layer, module), grad in grads.items():
+        entry = result.cosines[(0, layer, module)]
+        if layer + 1 < 30:
+            worst = max(worst, abs(entry["next_layer"] - cos(grad, grads[(layer + 1, module)])))
+        else:
+            assert "next_layer" not in entry
+        if module in ("k_proj", "v_proj"):
+            worst = max(
+                worst, abs(entry["kv"] - cos(grads[(layer, "k_proj")], grads[(layer, "v_proj")]))
+            )
+    assert worst < 1e-6

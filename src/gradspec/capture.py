@@ -135,10 +135,17 @@ class SpectralCapture:
     Use as a context manager around forward and backward of a batch, after :meth:`begin_batch`:
     ``results[(sample, layer, module)]`` then holds the metric tuple (see ``spectra.METRICS``)
     and ``nonfinite`` the samples whose gradient held a NaN or an infinity.
+
+    With ``cosine=True`` it also gives, in ``cosines[(sample, layer, module)]``, the cosine
+    similarity of the flattened gradient with the same projection's in the next layer
+    (``"next_layer"``) and, for k_proj and v_proj, of k's with v's in the same layer (``"kv"``).
+    Backward reaches layer l + 1 before layer l, so each projection's X and D of one layer are
+    kept until the layer below is done: memory for one layer more, not for the model.
     """
 
-    def __init__(self, model: nn.Module, modules: Iterable[str] = MODULES):
+    def __init__(self, model: nn.Module, modules: Iterable[str] = MODULES, cosine: bool = False):
         self.model = model
+        self.cosine = cosine
         self.targets = find_projections(model, modules)
         self.layers = 1 + max(t.layer for t, _ in self.targets)
         self._handles: list = []
@@ -147,6 +154,8 @@ class SpectralCapture:
         self.results: dict[tuple[int, int, str], tuple[float, ...]] = {}
         self.nonfinite: dict[int, str] = {}
         self.path_counts = {"factor": 0, "dense": 0}
+        self.cosines: dict[tuple[int, int, str], dict[str, float]] = {}
+        self._held: dict[tuple[int, str], tuple[int, torch.Tensor, torch.Tensor, float]] = {}
 
     def __enter__(self) -> SpectralCapture:
         for target, module in self.targets:
@@ -167,6 +176,8 @@ class SpectralCapture:
         self._inputs.clear()
         self.results = {}
         self.nonfinite = {}
+        self.cosines = {}
+        self._held = {}
 
     def _forward_hook(self, target: Target):
         d_outs = tuple(o.columns.stop - o.columns.start for o in target.outputs)
@@ -213,11 +224,33 @@ class SpectralCapture:
                     x = shared.x[sample, :length].to(torch.float32)
                     spectrum = spectra.spectrum_from_dense(x, d)
                 self.path_counts[shared.paths[sample]] += 1
-                self.results[(sample, target.layer, output.module)] = spectrum.metrics()
+                metrics = spectrum.metrics()
+                self.results[(sample, target.layer, output.module)] = metrics
+                if self.cosine:
+                    x = shared.x[sample, :length].to(torch.float32)
+                    self._pair(sample, target.layer, output.module, x, d, metrics[3])
 
         shared.done += len(target.outputs)
         if shared.done >= shared.readers:
             del self._inputs[key]
+
+    def _pair(self, sample: int, layer: int, module: str, x, d, norm: float) -> None:
+        """Cosines with the layer above (held since its backward) and between k and v."""
+        entry = self.cosines.setdefault((sample, layer, module), {})
+        above = self._held.get((sample, module))
+        if above is not None and above[0] == layer + 1:
+            _, x_above, d_above, norm_above = above
+            inner = spectra.inner_product(x, d, x_above, d_above)
+            entry["next_layer"] = spectra.cosine(inner, norm, norm_above)
+        self._held[(sample, module)] = (layer, x, d, norm)
+
+        partner = {"k_proj": "v_proj", "v_proj": "k_proj"}.get(module)
+        other = self._held.get((sample, partner)) if partner else None
+        if other is not None and other[0] == layer:
+            _, x_other, d_other, norm_other = other
+            value = spectra.cosine(spectra.inner_product(x, d, x_other, d_other), norm, norm_other)
+            entry["kv"] = value
+            self.cosines[(sample, layer, partner)]["kv"] = value
 
 
 def _require_grad(module, args, output):
@@ -239,6 +272,8 @@ _VOCAB_BLOCK = 1024
 class BatchResult:
     losses: list[float]
     metrics: dict[tuple[int, int, str], tuple[float, ...]]
+    # (sample, layer, module) -> {"next_layer": cosine, "kv": cosine}, when asked for
+    cosines: dict[tuple[int, int, str], dict[str, float]]
     # sample -> reason, for samples whose loss or gradient was not finite
     nonfinite_loss: dict[int, str]
     nonfinite_gradient: dict[int, str]
@@ -359,4 +394,7 @@ def run_batch(
 
     metrics = {k: v for k, v in capture.results.items() if k[0] not in capture.nonfinite}
     nonfinite_gradient = {b: r for b, r in capture.nonfinite.items() if b not in nonfinite_loss}
-    return BatchResult(losses.detach().tolist(), metrics, nonfinite_loss, nonfinite_gradient)
+    cosines = {k: v for k, v in capture.cosines.items() if k[0] not in capture.nonfinite}
+    return BatchResult(
+        losses.detach().tolist(), metrics, cosines, nonfinite_loss, nonfinite_gradient
+    )

@@ -110,6 +110,9 @@ class ExtractConfig:
     modules: list[str] = field(default_factory=lambda: list(MODULES))
     # Statuses that stop the run instead of being recorded.
     fatal_statuses: list[str] = field(default_factory=list)
+    # Also the cosine similarity of each gradient with the next layer's and of k's with v's
+    # (paper 2); it costs about as much again as the spectra, so it is off unless asked for.
+    cosine: bool = False
     # The number of threads torch may use on the CPU; null leaves torch's default.
     threads: int | None = None
     # GPUs one extract job holds (Snakemake resource `gpu`); null: 1 where nvidia-smi is found.

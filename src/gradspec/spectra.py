@@ -136,3 +136,19 @@ def choose_path(tokens: int, d_in: int, d_outs: tuple[int, ...]) -> str:
     factor = factor_cost(tokens, d_in) + sum(core_cost(tokens, d_in, d) for d in d_outs)
     dense = sum(dense_cost(tokens, d_in, d) for d in d_outs)
     return "factor" if factor <= dense else "dense"
+
+
+def inner_product(x1: torch.Tensor, d1: torch.Tensor, x2: torch.Tensor, d2: torch.Tensor) -> float:
+    """⟨D₁ᵀX₁, D₂ᵀX₂⟩ of two gradients of one sample without forming either.
+
+    The Frobenius inner product equals the sum of the entries of (D₁D₂ᵀ) ⊙ (X₁X₂ᵀ), two
+    T × T matrices: cheaper than forming both gradients while T is below the matrix sizes.
+    """
+    tokens_square = d1 @ d2.T
+    tokens_square *= x1 @ x2.T
+    return tokens_square.to(torch.float64).sum().item()
+
+
+def cosine(inner: float, norm1: float, norm2: float) -> float:
+    """Cosine similarity of two flattened gradients from their inner product and norms."""
+    return inner / (norm1 * norm2) if norm1 > 0 and norm2 > 0 else math.nan
