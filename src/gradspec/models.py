@@ -96,13 +96,56 @@ def has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
+# Weight files that are Python pickles: loading one can run arbitrary code, so they are refused.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Files whose ``auto_map`` tells transformers to import Python code shipped with the model.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json")
+
+
+def _remote_code_entries(folder: Path) -> list[str]:
+    """``file: class`` for every auto_map entry of the folder's configs (code it would import)."""
+    entries = []
+    for name in REMOTE_CODE_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            auto_map = json.loads(file.read_text(encoding="utf-8")).get("auto_map") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise ModelError(f"{file}: not a readable JSON config ({error})") from error
+        entries += [f"{name}: {key}" for key in auto_map]
+    return entries
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a folder before anything in it is read by transformers.
+
+    Weights must be safetensors (a pickle executes code when loaded), and code shipped with the
+    model (``auto_map``) runs only when ``model.trust_remote_code=true`` says so.
+    """
+    if not folder.is_dir():
+        raise ModelError(f"model folder {str(folder)!r} does not exist")
+    if not has_weights(folder):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        found = f"; found only pickled weights ({', '.join(pickled)})" if pickled else ""
+        raise ModelError(
+            f"model folder {str(folder)!r} holds no *.safetensors{found}: weights are read "
+            "from safetensors only, never unpickled"
+        )
+    remote = _remote_code_entries(folder)
+    if remote and not trust_remote_code:
+        raise ModelError(
+            f"model folder {str(folder)!r} asks to run its own code ({'; '.join(remote)}); "
+            "refused: set model.trust_remote_code=true only for code you have read"
+        )
+
+
 def prepare_model(model: DictConfig, models_dir: str | Path) -> Path:
     """Write ``models_dir/<name>/`` (safetensors, tokenizer, provenance) unless it is complete."""
     out = paths.model_dir(models_dir, model.name)
     if model.path:
         local = Path(model.path)
-        if not has_weights(local):
-            raise ModelError(f"model.path {str(local)!r} does not exist or holds no *.safetensors")
+        check_model_folder(local, bool(model.trust_remote_code))
         return local
     if (out / PROVENANCE).exists() and has_weights(out):
         log.info("model %s already prepared in %s", model.name, out)
@@ -156,11 +199,12 @@ def resolve_model_dir(cfg: DictConfig) -> Path:
     folder = (
         Path(cfg.model.path) if cfg.model.path else paths.model_dir(cfg.models_dir, cfg.model.name)
     )
-    if not has_weights(folder):
-        hint = "" if cfg.model.path else f"; run `gradspec prepare-model model={cfg.model.name}`"
+    if not cfg.model.path and not has_weights(folder):
         raise ModelError(
-            f"model folder {str(folder)!r} does not exist or holds no *.safetensors{hint}"
+            f"model folder {str(folder)!r} does not exist or holds no *.safetensors; "
+            f"run `gradspec prepare-model model={cfg.model.name}`"
         )
+    check_model_folder(folder, bool(cfg.model.trust_remote_code))
     return folder
 
 
@@ -191,6 +235,7 @@ def load_model(
     if dtype not in DTYPES:
         raise ModelError(f"extract.dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     folder = Path(folder)
+    check_model_folder(folder, trust_remote_code)
     tokenizer = load_tokenizer(folder, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
