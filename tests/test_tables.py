@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_reduce import spectra_rows
@@ -114,3 +115,65 @@ def test_table_formats_exist(tables):
         assert markdown.startswith("| task")
         latex = (tables / f"{stem}.tex").read_text()
         assert "\\begin{tabular}" in latex and "q\\_proj" in latex
+
+
+def sample_level(sample):
+    return sum(sample) / len(sample)
+
+
+def sample_mad(sample):
+    return sum(abs(sample[i + 1] - sample[i]) for i in range(len(sample) - 1)) / (len(sample) - 1)
+
+
+def test_interval_tables(tables):
+    table = pd.read_csv(tables / "mad_ci_nuclear_norm.csv").set_index(["kind", "condition"])
+    cell = table.loc[("detailed", "correct"), "q_proj early"]
+    value, interval = cell.split(" [")
+    low, high = (float(x) for x in interval.rstrip("]").split(", "))
+    assert float(value) == pytest.approx(2 / 3, rel=1e-3) and low <= float(value) <= high
+    relative = pd.read_csv(tables / "relative_difference_level_ci_nuclear_norm.csv")
+    assert relative.set_index("kind").loc["detailed", "q_proj all"].startswith("1 [")
+    plain = pd.read_csv(tables / "relative_difference_level_nuclear_norm.csv")
+    assert plain["tokens correct"].tolist() == pytest.approx([20.0] * 3)
+
+
+def test_kind_test_cells(tables):
+    table = pd.read_csv(tables / "kind_tests_nuclear_norm.csv")
+    for statistic, function in (("level", sample_level), ("mad", sample_mad)):
+        row = table[
+            (table.condition == "correct")
+            & (table.kind_a == "detailed")
+            & (table.kind_b == "none")
+            & (table.statistic == statistic)
+        ].iloc[0]
+        differences = np.array(
+            [
+                function(d) - function(n)
+                for d, n in zip(CORRECT["detailed"], CORRECT["none"], strict=True)
+            ]
+        )
+        assert row["q_proj difference"] == pytest.approx(differences.mean())
+        assert row["q_proj d_z"] == pytest.approx(differences.mean() / differences.std(ddof=1))
+        assert row["gate_proj difference"] == pytest.approx(2 * differences.mean())
+        # Three pairs: Wilcoxon's smallest two-sided p is 0.25, Holm over 2 modules gives 0.5.
+        assert row["q_proj p (Holm)"] == pytest.approx(0.5)
+        assert row["n"] == 3 and row["tokens a"] == pytest.approx(20.0)
+
+
+def test_length_regression_cells(tables):
+    table = pd.read_csv(tables / "length_regression_nuclear_norm.csv")
+    row = table[
+        (table.condition == "correct")
+        & (table.kind_a == "detailed")
+        & (table.kind_b == "simplified")
+        & (table.statistic == "level")
+    ].iloc[0]
+    tokens = np.log([10.0, 20.0, 30.0] * 2)
+    design = np.column_stack([np.ones(6), [1.0] * 3 + [0.0] * 3, tokens])
+    y = [sample_level(s) for s in CORRECT["detailed"] + CORRECT["simplified"]]
+    expected = np.linalg.lstsq(design, y, rcond=None)[0][1]
+    value = float(row["q_proj b_kind [CI]"].split(" [")[0])
+    assert value == pytest.approx(expected, rel=1e-3)
+    raw = np.mean(y[:3]) - np.mean(y[3:])
+    assert row["q_proj raw"] == pytest.approx(raw)
+    assert row["length overlap"] == 1.0
