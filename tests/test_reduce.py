@@ -89,6 +89,7 @@ def cfg(tmp_path_factory):
             "experiment=quickstart",
             "model=smollm2_135m_instruct",
             "reduce.n_bootstrap=200",
+            "wandb.mode=disabled",
         ]
     )
 
@@ -116,7 +117,15 @@ def summary(written):
     directory = paths.summary_dir(written.results_dir, written.experiment.name, written.model.name)
     return {
         name: pd.read_parquet(directory / f"{name}.parquet")
-        for name in ("curves", "mad", "contrasts", "relative_difference", "paired_tests")
+        for name in (
+            "curves",
+            "mad",
+            "contrasts",
+            "relative_difference",
+            "paired_tests",
+            "kind_tests",
+            "replicates",
+        )
     } | {"status_counts": pd.read_csv(directory / "status_counts.csv"), "dir": directory}
 
 
@@ -352,3 +361,86 @@ def test_rank_biserial_by_hand():
     d = np.array([1.0, -2.0, 3.0, 0.0])[:, None]
     # Nonzero |d| ranks 1, 2, 3; W+ = 1 + 3, W- = 2.
     assert st.rank_biserial(d)[0] == pytest.approx((4 - 2) / 6)
+
+
+def test_sample_mad_and_level_by_hand():
+    values = np.array([[1.0, 4.0, 2.0], [0.0, 0.0, 3.0]])[:, :, None]
+    np.testing.assert_allclose(st.sample_mad(values)[:, 0], [(3 + 2) / 2, (0 + 3) / 2])
+    np.testing.assert_allclose(st.sample_level(values)[:, 0], [7 / 3, 1.0])
+
+
+def test_length_regression_recovers_a_known_kind_effect():
+    """y = 1 + 0.5 [kind a] + 2 log(tokens) exactly: the fit returns 0.5 and 2, any resample too."""
+    tokens_a, tokens_b = np.array([40.0, 80.0, 160.0, 60.0]), np.array([20.0, 40.0, 90.0])
+    y_a = (1 + 0.5 + 2 * np.log(tokens_a))[:, None]
+    y_b = (1 + 2 * np.log(tokens_b))[:, None]
+    rng = np.random.default_rng(0)
+    weights_a, weights_b = st.bootstrap_weights(rng, 4, 50), st.bootstrap_weights(rng, 3, 50)
+    fit = st.length_regression(y_a, tokens_a, y_b, tokens_b, weights_a, weights_b)
+    assert fit["kind_coefficient"][0] == pytest.approx(0.5)
+    assert fit["length_coefficient"][0] == pytest.approx(2.0)
+    finite = fit["kind_replicates"][np.isfinite(fit["kind_replicates"])]
+    np.testing.assert_allclose(finite, 0.5, atol=1e-8)
+    assert fit["raw_difference"][0] == pytest.approx(y_a.mean() - y_b.mean())
+    # Of kind a's lengths 40, 80, 160, 60, all but 160 lie in kind b's range [20, 90].
+    assert fit["overlap"] == pytest.approx(3 / 4)
+
+
+def test_length_regression_matches_numpy_lstsq():
+    rng = np.random.default_rng(1)
+    tokens_a, tokens_b = rng.uniform(50, 300, 7), rng.uniform(10, 120, 6)
+    y_a, y_b = rng.normal(size=(7, 2)), rng.normal(size=(6, 2))
+    fit = st.length_regression(y_a, tokens_a, y_b, tokens_b, np.ones((1, 7)), np.ones((1, 6)))
+    design = np.column_stack(
+        [np.ones(13), np.r_[np.ones(7), np.zeros(6)], np.log(np.r_[tokens_a, tokens_b])]
+    )
+    expected = np.linalg.lstsq(design, np.vstack([y_a, y_b]), rcond=None)[0]
+    np.testing.assert_allclose(fit["kind_coefficient"], expected[1])
+    np.testing.assert_allclose(fit["length_coefficient"], expected[2])
+
+
+def test_kind_tests_agree_with_scipy(summary):
+    tests = summary["kind_tests"]
+    for scope, function in (("level", np.mean), ("mad", lambda c: np.mean(np.abs(np.diff(c))))):
+        row = tests[
+            (tests.condition == "correct")
+            & (tests.kind_a == "detailed")
+            & (tests.kind_b == "none")
+            & (tests.scope == scope)
+            & (tests.module == "q_proj")
+            & (tests.metric == "nuclear_norm")
+        ].iloc[0]
+        detailed = np.array([function(c) for c in CORRECT_Q["detailed"]])
+        none = np.array([function(c) for c in CORRECT_Q["none"]])
+        assert row.mean_difference == pytest.approx((detailed - none).mean())
+        assert row.t_p == pytest.approx(stats.ttest_rel(detailed, none).pvalue)
+        assert row.wilcoxon_p == pytest.approx(stats.wilcoxon(detailed - none).pvalue)
+        assert row.n_pairs == 3
+    layers = tests[
+        (tests.scope == "layer") & (tests.kind_a == "detailed") & (tests.kind_b == "none")
+    ]
+    assert layers.layer.notna().all() and len(layers) == 2 * 4 * 2 * len(METRIC_NAMES)
+
+
+def test_contrast_relative_and_replicates(summary):
+    contrasts = summary["contrasts"]
+    row = contrasts[
+        (contrasts.condition == "correct")
+        & (contrasts.kind_a == "detailed")
+        & (contrasts.kind_b == "none")
+        & (contrasts.module == "q_proj")
+        & (contrasts.metric == "nuclear_norm")
+        & (contrasts.group == "all")
+        & (contrasts.statistic == "level")
+    ].iloc[0]
+    assert row.relative == pytest.approx(row.value_a / row.value_b - 1)
+    assert row.relative_low <= row.relative <= row.relative_high
+    replicates = summary["replicates"]
+    assert set(replicates.statistic) == {
+        "level",
+        "mad",
+        "relative_difference_level",
+        "relative_difference_mad",
+    }
+    assert set(replicates.metric) == {"nuclear_norm"}
+    assert replicates.replicate.nunique() == 200
