@@ -17,7 +17,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    cfg = compose([f"results_dir={results}", "experiment=quickstart", "reduce.n_bootstrap=20"])
+    cfg = compose(
+        [
+            f"results_dir={results}",
+            "experiment=quickstart",
+            "reduce.n_bootstrap=20",
+            "wandb.mode=disabled",
+        ]
+    )
     for source in spectra_sources(cfg, cfg.model.name):
         kind = source.spec.kind
         values = CORRECT_Q[kind] if source.spec.condition == "correct" else irrelevant_values(kind)

@@ -8,7 +8,9 @@ For each task and metric (nuclear norm and spectral ratio, the two the papers pl
 - ``<task>_overlay_<metric>``: the same grid with correct (solid) and irrelevant (dashed)
   responses on one axis each.
 
-Each is written as PNG (150 dpi) and SVG under ``results/<experiment>/<model>/figures/``.
+Each is written as PNG (150 dpi) and SVG under ``results/<experiment>/<model>/figures/``; the
+PNG files are logged to W&B (job type "plot", grouped by experiment) unless
+``wandb.mode=disabled``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
-from gradspec import paths
+from gradspec import paths, tracking
 from gradspec.config import ATTENTION_MODULES, MLP_MODULES
 from gradspec.reduce import ordered_kinds
 
@@ -184,6 +186,10 @@ def plot_command(cfg: DictConfig) -> int:
     curves = pd.read_parquet(summary / "curves.parquet")
     directory = paths.figures_dir(cfg.results_dir, cfg.experiment.name, model)
     written = plot_curves(curves, model, directory) if len(curves) else []
+    with tracking.start_run(
+        cfg, job_type="plot", name=f"plot-{model}", group=cfg.experiment.name
+    ) as run:
+        tracking.log_figures(run, written)
     log.info(
         "wrote %d figure files to %s (%.2fs)",
         len(written),
