@@ -369,7 +369,7 @@ def log_report_figures(cfg: DictConfig, context: dict[str, Any]) -> None:
 def publish_wandb_report(cfg: DictConfig, contexts: list[dict[str, Any]], spec: Path) -> str | None:
     """Save the report where a login allows it (returns its URL); else validate, keep its spec."""
     report, model = build_wandb_report(cfg, contexts)
-    write_atomic(model.model_dump_json(indent=1, by_alias=True) + "\n", spec)
+    write_atomic(model.model_dump_json(indent=1, by_alias=True, exclude_none=True) + "\n", spec)
     if str(cfg.wandb.mode) != "online" or not cfg.wandb.entity or not logged_in():
         log.info(
             "W&B report built and validated (%d blocks, spec %s); saving it needs a login "
