@@ -4,7 +4,10 @@
 and pid files, so it disturbs no other cluster on the machine), starts munged (unless one is
 already running), slurmctld and slurmd as plain processes, and waits for the node to be idle.
 ``stop`` cancels every job and ends each daemon it started by the pid in its pid file, waiting
-for each to exit. Client commands find the cluster through ``SLURM_CONF``.
+for each to exit. Client commands find the cluster through ``SLURM_CONF``; inside a job, where
+Snakemake's SLURM plugin drops every ``SLURM_*`` variable before it calls srun, through a link at
+the default place, /etc/slurm/slurm.conf, made only where no other config is there and removed
+at the end.
 
 There is no accounting daemon, so ``sacct`` fails: Snakemake's SLURM plugin must poll with
 ``squeue``, which sees finished jobs for ``MinJobAge`` seconds (set high here).
@@ -23,6 +26,7 @@ from pathlib import Path
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "munged")
 MUNGE_PID = Path("/run/munge/munged.pid")
+DEFAULT_CONF = Path("/etc/slurm/slurm.conf")
 
 
 class Unavailable(RuntimeError):
@@ -165,6 +169,23 @@ class SlurmCluster:
             f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
+        self.link_default_conf()
+
+    def link_default_conf(self) -> None:
+        """Point /etc/slurm/slurm.conf here; a stale link (its cluster gone) is replaced."""
+        if DEFAULT_CONF.is_symlink() and not DEFAULT_CONF.exists():
+            DEFAULT_CONF.unlink()
+        if DEFAULT_CONF.exists():
+            raise Unavailable(f"{DEFAULT_CONF} belongs to another cluster; not replacing it")
+        DEFAULT_CONF.parent.mkdir(parents=True, exist_ok=True)
+        DEFAULT_CONF.symlink_to(self.conf)
+        self.linked = True
+
+    def unlink_default_conf(self) -> None:
+        ours = DEFAULT_CONF.is_symlink() and DEFAULT_CONF.readlink() == self.conf
+        if getattr(self, "linked", False) and ours:
+            DEFAULT_CONF.unlink()
+        self.linked = False
 
     def start_munge(self) -> None:
         """munged, unless one is running already (then it is not ours to stop)."""
@@ -218,6 +239,8 @@ class SlurmCluster:
 
     def start(self) -> SlurmCluster:
         started = time.perf_counter()
+        if os.geteuid() != 0:
+            raise Unavailable("the daemons run as root (SlurmUser=root) and this is not root")
         self.write_conf()
         try:
             self.start_munge()
@@ -241,6 +264,7 @@ class SlurmCluster:
             if pid is not None:
                 stop_pid(pid)
         self.pid_files.clear()
+        self.unlink_default_conf()
 
     def logs(self) -> str:
         texts = []
