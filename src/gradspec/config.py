@@ -151,6 +151,28 @@ class BenchConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """``gradspec score``: a user's data file back in its own format, with scores per record."""
+
+    # Records scored from the start of the file; null: every record (data.offset/limit unused).
+    limit: int | None = None
+    # Also the Instruction-Following Difficulty under the analysis model (forward passes only).
+    ifd: bool = True
+    # Every added field's name starts with this; a record already holding such a field is refused.
+    prefix: str = "gradspec_"
+
+
+@dataclass
+class SelectConfig:
+    """Which scored records also go to ``<output stem>.selected.<ext>``; by: null selects none."""
+
+    by: str | None = None
+    fraction: float = 0.1
+    # desc: the highest scores; asc: the lowest.
+    order: str = "desc"
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     project: str = "gradspec"
@@ -171,6 +193,8 @@ class Config:
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     results_dir: str = "results"
     models_dir: str = "resources/models"
     data_dir: str = "resources/datasets"
