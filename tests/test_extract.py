@@ -264,3 +264,70 @@ def test_out_of_memory_halves_the_batch_then_records_the_sample(four, reference,
     np.testing.assert_allclose(
         fitted[list(METRICS)].to_numpy(), expected[list(METRICS)].to_numpy(), rtol=1e-5
     )
+
+
+def _broken_model(folder: Path, smollm2_dir: Path, fault: str) -> Path:
+    """A two-layer Llama with SmolLM2's tokenizer and one deliberately broken weight.
+
+    ``loss``: a NaN in the final norm makes every logit, hence every loss, NaN.
+    ``gradient``: layer 1's MLP computes tiny × huge, finite forward; backward multiplies the
+    output gradient by the huge down_proj weights (3e38, near float32's maximum 3.4e38), which
+    overflows to infinity in up_proj's output gradient while the loss stays finite.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        if fault == "loss":
+            model.model.norm.weight[0] = float("nan")
+        else:
+            mlp = model.model.layers[1].mlp
+            mlp.up_proj.weight.fill_(1e-38)
+            mlp.gate_proj.weight.fill_(10.0)
+            mlp.down_proj.weight.fill_(3e38)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((smollm2_dir / name).read_bytes())
+    return folder
+
+
+def test_nonfinite_loss_and_gradient_end_to_end(four, smollm2_dir, tmp_path):
+    nan_model = _broken_model(tmp_path / "nan", smollm2_dir, "loss")
+    out = run_inprocess(
+        f"data.path={four}", f"model.path={nan_model}", f"output={tmp_path / 'loss.parquet'}"
+    )
+    frame = read_spectra(out)
+    assert len(frame) == 4 and (frame["status"] == "nonfinite_loss").all()
+    assert frame["loss"].isna().all() and frame["layer"].isna().all()
+
+    huge_model = _broken_model(tmp_path / "huge", smollm2_dir, "gradient")
+    out = run_inprocess(
+        f"data.path={four}",
+        f"model.path={huge_model}",
+        f"output={tmp_path / 'gradient.parquet'}",
+        "extract.modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    )
+    frame = read_spectra(out)
+    per_record = frame.drop_duplicates("record_index")
+    assert set(per_record["status"]) <= {"ok", "nonfinite_gradient"}
+    bad = per_record[per_record["status"] == "nonfinite_gradient"]
+    assert len(bad) >= 1
+    assert bad["reason"].str.contains("model.layers.1.mlp.up_proj").all()
+    assert np.isfinite(bad["loss"]).all()
+    ok = frame[frame["status"] == "ok"]
+    assert np.isfinite(ok[list(METRICS)].to_numpy()).all()
+    assert json.loads(meta_path(out).read_text())["status_counts"]["nonfinite_gradient"] == len(bad)

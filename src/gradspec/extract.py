@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -352,6 +353,17 @@ class BatchRunner:
                     for (b, layer, module), values in result.metrics.items()
                     if b == row
                 }
+                _flag_nonfinite_spectrum(sample)
+
+
+def _flag_nonfinite_spectrum(sample: Sample) -> None:
+    """A finite gradient can still overflow in its spectrum; such a sample is not ``ok``."""
+    for (layer, module), values in sorted(sample.metrics.items()):
+        if not all(math.isfinite(v) for v in values):
+            sample.status = "nonfinite_gradient"
+            sample.reason = f"non-finite spectrum at layer {layer} {module}"
+            sample.metrics = None
+            return
 
 
 class _Engine:
