@@ -118,6 +118,19 @@ def test_workflow_on_slurm_equals_local_run(slurm_cluster, finished_workspace, t
             path.with_suffix(".shards").glob("*.parquet")
         )
     assert (root / "results" / "quickstart" / "report.html").stat().st_size > 0
+    assert_step_lines(root / "results" / "logs", expected=6 + 12 + 6 + 5)
+
+
+STEP_LINE = re.compile(r"INFO workflow: .+: exit 0, \d+ files, \d+ bytes, [\d.]+ s$")
+
+
+def assert_step_lines(logs: Path, expected: int) -> None:
+    """Each job's log ends with the step's line of counts and seconds."""
+    found = sorted(logs.rglob("*.log"))
+    assert len(found) == expected, [str(path) for path in found]
+    for path in found:
+        last = path.read_text().rstrip().splitlines()[-1]
+        assert STEP_LINE.search(last), f"{path}: {last}"
 
 
 def test_merge_chain_refuses_gaps_and_overlaps(tmp_path):
