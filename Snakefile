@@ -16,6 +16,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/quality.smk"
 
 
 rule all:

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "findings": ("gradspec.findings", "findings_command", "each claim of the papers: holds or not"),
     "report": ("gradspec.report", "report_command", "HTML report and W&B report"),
     "bench": ("gradspec.bench", "bench_command", "the papers' method against the engine"),
+    "quality": ("gradspec.quality", "quality_command", "paper 2's data-quality claims per model"),
     "score": ("gradspec.score", "score_command", "add spectral scores to a dataset, select by one"),
     "import-reference": ("gradspec.reference", "import_command", "read the papers' own statistics"),
 }
