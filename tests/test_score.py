@@ -25,10 +25,10 @@ CHAT = [
 ]  # fmt: skip
 
 
-def overrides(tmp_path: Path, source: Path, **extra) -> list[str]:
+def overrides(model_dir: Path, tmp_path: Path, source: Path, **extra) -> list[str]:
     return [
         "model=smollm2_135m_instruct_base",
-        "model.path=resources/models/smollm2_135m_instruct",
+        f"model.path={model_dir}",
         "extract.device=cpu",
         "extract.modules=[q_proj,v_proj]",
         "wandb.mode=disabled",
@@ -67,7 +67,9 @@ def test_round_trip_keeps_every_field(smollm2_dir, tmp_path, name, records, dump
     text = dump(records)
     source.write_text(text, encoding="utf-8")
     output = tmp_path / "out" / name
-    cfg = compose(overrides(tmp_path, source, output=output, **{"select.by": "effective_rank"}))
+    cfg = compose(
+        overrides(smollm2_dir, tmp_path, source, output=output, **{"select.by": "effective_rank"})
+    )
 
     written = score_file(cfg, source, output)
 

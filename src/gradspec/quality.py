@@ -874,8 +874,8 @@ def model_section(model: str, claims: dict) -> list[str]:
             [key, number(v["mean_abs"]), number(v["max_abs_ci_high"]), counts_text(v["counts"])]
             for key, v in five["by_cosine_and_projection"].items()
         ]
-        lines += ["Claim 5 (mean |cosine| over samples):", "",
-                  *table(["cosine/projection", "mean |cos|", "largest upper bound", "cells"],
+        lines += ["Claim 5 (mean absolute cosine over samples):", "",
+                  *table(["cosine/projection", "mean abs cosine", "largest upper bound", "cells"],
                          rows), ""]  # fmt: skip
     else:
         lines += [f"Claim 5: not testable ({five.get('reason')}).", ""]
