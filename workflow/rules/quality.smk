@@ -14,11 +14,11 @@ PAPER2 = any(
     for name in CFG.experiment.datasets
 )
 QUALITY_FILES = ("findings.json", "auroc.csv", "spearman.csv", "cosine.csv", "samples.parquet")
-
-
-def quality_of(model):
-    folder = paths.model_results(RESULTS, EXPERIMENT, model) / "quality"
-    return [str(folder / name) for name in QUALITY_FILES]
+QUALITY_TABLES = [
+    str(paths.model_results(RESULTS, EXPERIMENT, model) / "quality" / name)
+    for model in MODELS
+    for name in QUALITY_FILES
+]
 
 
 if PAPER2:
@@ -31,7 +31,7 @@ if PAPER2:
         output:
             findings=FINDINGS,
             family=f"{EXP_DIR}/quality/family.csv",
-            tables=[path for model in MODELS for path in quality_of(model)],
+            tables=QUALITY_TABLES,
         conda:
             CONDA_ENV
         log:
