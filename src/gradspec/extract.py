@@ -49,6 +49,11 @@ STATUSES = (
     "out_of_memory",
     "invalid_record",
 )
+# Paper 2's cosines, with extract.cosine=true: with the same projection in the next layer, and
+# between k_proj and v_proj of one layer (on both rows). NaN where not computed.
+COSINES = ("cosine_next_layer", "cosine_kv")
+_COSINE_KEYS = {"cosine_next_layer": "next_layer", "cosine_kv": "kv"}
+
 # Statuses known once a record is tokenized, before any gradient.
 ENCODE_STATUSES = ("empty_response", "response_truncated", "invalid_record")
 
@@ -61,6 +66,7 @@ SCHEMA = pa.schema(
         ("layer", pa.int64()),
         ("module", pa.string()),
         *[(name, pa.float64()) for name in METRICS],
+        *[(name, pa.float64()) for name in COSINES],
         ("loss", pa.float64()),
         ("n_prompt_tokens", pa.int64()),
         ("n_response_tokens", pa.int64()),
@@ -79,6 +85,7 @@ _NOT_IN_SHARD_KEY = {
     "output": None,
     "results_dir": None,
     "reduce": None,
+    "bench": None,
     "experiment": None,
     "extract": ("threads", "gpus_per_job", "runtime_min", "fatal_statuses"),
 }
@@ -104,6 +111,7 @@ class Sample:
     reason: str
     loss: float = float("nan")
     metrics: dict[tuple[int, str], tuple[float, ...]] | None = None
+    cosines: dict[tuple[int, str], dict[str, float]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,6 +361,11 @@ class BatchRunner:
                     for (b, layer, module), values in result.metrics.items()
                     if b == row
                 }
+                sample.cosines = {
+                    (layer, module): values
+                    for (b, layer, module), values in result.cosines.items()
+                    if b == row
+                }
                 _flag_nonfinite_spectrum(sample)
 
 
@@ -402,7 +415,8 @@ class _Engine:
         model, _ = models.load_model(
             self.model_dir, cfg.extract.device, cfg.extract.dtype, cfg.model.trust_remote_code
         )
-        self.capture = self.stack.enter_context(SpectralCapture(model, self.modules))
+        capture = SpectralCapture(model, self.modules, cosine=cfg.extract.cosine)
+        self.capture = self.stack.enter_context(capture)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
@@ -457,6 +471,9 @@ def _rows(
             columns["module"].append(module)
             for name, value in zip(METRICS, values, strict=True):
                 columns[name].append(value)
+            pair = (sample.cosines or {}).get((layer, module), {})
+            for name in COSINES:
+                columns[name].append(pair.get(_COSINE_KEYS[name], float("nan")))
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
