@@ -147,10 +147,11 @@ def default_output(cfg: DictConfig, dataset: str, file: str) -> Path:
 
 
 def template_of(cfg: DictConfig) -> str:
-    template = cfg.prompt.template or cfg.model.template
-    if template not in prompts.TEMPLATES:
-        raise ConfigError(f"prompt.template must be 'base' or 'chat', not {template!r}")
-    return template
+    """The template to use (see :func:`prompts.resolve_template`), a config error if unknown."""
+    try:
+        return prompts.resolve_template(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def _require(ok: bool, message: str) -> None:

@@ -38,6 +38,7 @@ from scipy import stats as sps
 from gradspec import data, paths, reduce
 from gradspec import stats as st
 from gradspec.config import compose, experiment_files
+from gradspec.findings import FAILS, HOLDS, INCONCLUSIVE, aggregate
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ HIGH, LOW, REASONING = "highest", "lowest", "reasoning"
 SCORES = ("diff", "instag", "reward", "ppl_gpt2", "ifd_gpt2", "ppl_qwen7b", "ifd_qwen7b")
 COSINES = ("cosine_next_layer", "cosine_kv")
 ALL = "all"
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 # Nearest-neighbour matching on length: a pair's lengths differ by at most this in log tokens.
 CALIPER = math.log(1.25)
 NEAR_ZERO = 0.1
@@ -131,17 +131,6 @@ def both(first: str, second: str) -> str:
     if FAILS in (first, second):
         return FAILS
     return HOLDS if first == second == HOLDS else INCONCLUSIVE
-
-
-def aggregate(verdicts: list[str]) -> str:
-    if not verdicts:
-        return INCONCLUSIVE
-    holds, fails = verdicts.count(HOLDS), verdicts.count(FAILS)
-    if holds > len(verdicts) / 2 and fails == 0:
-        return HOLDS
-    if fails > len(verdicts) / 2 and holds == 0:
-        return FAILS
-    return INCONCLUSIVE
 
 
 def all_cells(verdicts: list[str]) -> str:
