@@ -240,7 +240,9 @@ def _valid_keys(overrides: list[str], error: Exception) -> str:
         if isinstance(node, DictConfig) and leaf not in node:
             where = f"under '{parent}'" if parent else "at the top level"
             return f"unknown key '{key}'; valid keys {where}: {', '.join(node.keys())}"
-    return str(error)
+    # Hydra lists the schema entries among a group's options; they are not options to pick.
+    lines = str(error).splitlines()
+    return "\n".join(line for line in lines if not line.strip().endswith("_schema"))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
