@@ -3,11 +3,12 @@ run end to end on two samples per file."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
 import pytest
-from test_workflow import ROOT, make_workspace, snakemake
+from test_workflow import MODEL, ROOT, finished_workspace, make_workspace, snakemake  # noqa: F401
 
 from gradspec import data
 from gradspec.config import compose, experiment_files
@@ -78,6 +79,24 @@ def test_files_of_a_task_share_their_instructions(name):
 
 
 @pytest.mark.slow
+def test_new_outputs_of_the_quickstart_run(finished_workspace):  # noqa: F811
+    """The quickstart workflow run (two samples per file, shared with test_workflow) writes the
+    kind tests, the length regression, their tables and the overall findings."""
+    model = finished_workspace / "results" / "quickstart" / MODEL
+    for name in ("kind_tests", "length_regression", "replicates", "contrasts"):
+        assert (model / "summary" / f"{name}.parquet").exists(), name
+    for stem in ("kind_tests", "length_regression", "mad_ci"):
+        assert (model / "tables" / f"{stem}_nuclear_norm.csv").exists(), stem
+    findings = (finished_workspace / "results" / "quickstart" / "findings.md").read_text()
+    assert "At equal response length" in findings and "## Claim 5" in findings
+    assert (finished_workspace / "results" / "findings.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("GRADSPEC_TEST_PAPER_EXPERIMENT"),
+    reason="about 15 minutes on a busy 2-core CPU; set GRADSPEC_TEST_PAPER_EXPERIMENT=1",
+)
 def test_math_end_to_end(tmp_path):
     """math on algebra only, one model, two samples per file: every step and the findings."""
     root = make_workspace(tmp_path)

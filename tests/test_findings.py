@@ -318,3 +318,12 @@ def test_cross_model_claims_by_hand(tmp_path):
 def cfg_overrides(results) -> list[str]:
     return [f"results_dir={results}", "experiment=quickstart", "reduce.n_bootstrap=50",
             "wandb.mode=disabled"]  # fmt: skip
+
+
+def test_claim_three_falls_back_to_simplified():
+    """MATH has no None responses: Detailed CoT is set against Simplified CoT."""
+    frame = paired({"detailed": [True, True, False], "simplified": [False, False, False]})
+    result = claim_three(frame, EMPTY_RELATIVE, {})
+    assert result["verdict"] == HOLDS
+    assert result["tasks"][0]["fast_kind"] == "simplified"
+    assert result["tasks"][0]["share_significant_fast"] == 0.0

@@ -80,7 +80,8 @@ RULES = {
     "separation": "For one task, take the paired Wilcoxon test of each module on the per-sample "
     "mean over layers (irrelevant - correct, same instructions), Holm-adjusted over modules, "
     "significant when the adjusted p is below alpha. With s_D and s_N the shares of modules "
-    "significant for Detailed CoT and for None: **holds** when s_D > 1/2 and s_N <= 1/2; "
+    "significant for Detailed CoT and for None (Simplified CoT where a task has no None, as in "
+    "MATH): **holds** when s_D > 1/2 and s_N <= 1/2; "
     "**does not hold** when s_N > 1/2 (None responses are told apart too); **inconclusive** "
     "otherwise (neither kind is told apart in most modules, which can be a lack of samples).",
     "instability": "Claim 2, per pair (instruct model with its chat template; model prompted "
@@ -233,8 +234,13 @@ def response_tokens(mad: pd.DataFrame) -> dict[tuple[str, str, str], float]:
     }
 
 
+def fast_kind(kinds) -> str | None:
+    """The kind claim 3 sets against Detailed CoT: None, else Simplified CoT (MATH has no None)."""
+    return next((kind for kind in COMPARED_TO_DETAILED if kind in kinds), None)
+
+
 def claim_three(paired: pd.DataFrame, relative: pd.DataFrame, tokens: dict) -> dict:
-    """Claim 3 on the paired tests of Detailed CoT and None, task by task."""
+    """Claim 3 on the paired tests of Detailed CoT and None (or Simplified CoT), task by task."""
     if paired.empty:
         return {"testable": False}
     tests = paired[(paired["scope"] == "mean_over_layers") & (paired["metric"] == METRIC)]
@@ -246,13 +252,14 @@ def claim_three(paired: pd.DataFrame, relative: pd.DataFrame, tokens: dict) -> d
     tasks = []
     for task, rows in tests.groupby("task", sort=False):
         kinds = set(rows["kind"])
-        if not {"detailed", "none"} <= kinds:
+        fast = fast_kind(kinds)
+        if "detailed" not in kinds or fast is None:
             continue
         shares = {
             kind: float(rows.loc[rows["kind"] == kind, "significant"].mean())
-            for kind in ("detailed", "none")
+            for kind in ("detailed", fast)
         }
-        modules = rows[rows["kind"].isin(["detailed", "none"])].merge(
+        modules = rows[rows["kind"].isin(["detailed", fast])].merge(
             levels[["task", "kind", "module", "relative_difference", "ci_low", "ci_high"]],
             on=["task", "kind", "module"],
             how="left",
@@ -261,12 +268,13 @@ def claim_three(paired: pd.DataFrame, relative: pd.DataFrame, tokens: dict) -> d
             {
                 "task": task,
                 "share_significant_detailed": shares["detailed"],
-                "share_significant_none": shares["none"],
-                "verdict": separation_verdict(shares["detailed"], shares["none"]),
+                "fast_kind": fast,
+                "share_significant_fast": shares[fast],
+                "verdict": separation_verdict(shares["detailed"], shares[fast]),
                 "response_tokens": {
                     f"{condition}_{kind}": tokens.get((condition, task, kind))
                     for condition in ("correct", "irrelevant")
-                    for kind in ("detailed", "none")
+                    for kind in ("detailed", fast)
                 },
                 "modules": records(
                     modules[
@@ -652,13 +660,18 @@ def claim_three_section(result: dict) -> list[str]:
     claim = result["claims"]["3"]
     lines = [f"### {result['model']}", ""]
     if not claim["testable"]:
-        return [*lines, "Not testable: needs correct and irrelevant Detailed CoT and None.", ""]
+        return [
+            *lines,
+            "Not testable: needs correct and irrelevant Detailed CoT and None or Simplified CoT.",
+            "",
+        ]
     lines += [f"**{claim['verdict']}** (tasks: {counts_text(claim['counts'])})", ""]
     for task in claim["tasks"]:
         tokens = ", ".join(f"{k} {number(v, 3)}" for k, v in task["response_tokens"].items())
         lines += [
             f"- {task['task']}: **{task['verdict']}**; share of modules significant: Detailed "
-            f"{task['share_significant_detailed']:.2f}, None {task['share_significant_none']:.2f}; "
+            f"{task['share_significant_detailed']:.2f}, {task['fast_kind']} "
+            f"{task['share_significant_fast']:.2f}; "
             f"mean response tokens: {tokens}",
             "",
         ]
