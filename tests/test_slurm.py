@@ -81,6 +81,7 @@ def assert_same_spectra(local: Path, remote: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 12 extract jobs one after another on 2 cores; slower under load
 def test_workflow_on_slurm_equals_local_run(slurm_cluster, finished_workspace, tmp_path):  # noqa: F811
     """The whole quickstart DAG as SLURM jobs, each file cut into one-record shards."""
     root = make_workspace(tmp_path / "slurm-workspace")
