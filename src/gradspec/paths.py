@@ -16,6 +16,24 @@ from pathlib import Path
 
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
+# What the reduce step writes into summary/: these tables as Parquet, the status counts and the
+# resolved config. The workflow declares exactly these as the step's outputs.
+SUMMARY_TABLES = (
+    "curves",
+    "mad",
+    "contrasts",
+    "relative_difference",
+    "paired_tests",
+    "kind_tests",
+    "length_regression",
+    "replicates",
+)
+SUMMARY_FILES = (
+    *(f"{name}.parquet" for name in SUMMARY_TABLES),
+    "status_counts.csv",
+    "config.yaml",
+)
+
 
 def check_slug(value: str, what: str) -> str:
     """Names become folder names and Snakemake wildcards: no '/', '.', or leading '-'."""

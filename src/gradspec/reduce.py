@@ -744,16 +744,7 @@ class Summary:
     replicates: pd.DataFrame
 
 
-TABLES = (
-    "curves",
-    "mad",
-    "contrasts",
-    "relative_difference",
-    "paired_tests",
-    "kind_tests",
-    "length_regression",
-    "replicates",
-)
+TABLES = paths.SUMMARY_TABLES
 
 
 def file_statistics(arrays, groups, n_bootstrap: int, confidence: float, seed: int):

@@ -140,14 +140,7 @@ def spectra_of(model):
     ]
 
 
-SUMMARY_FILES = (
-    "curves.parquet",
-    "mad.parquet",
-    "relative_difference.parquet",
-    "paired_tests.parquet",
-    "status_counts.csv",
-    "config.yaml",
-)
+SUMMARY_FILES = paths.SUMMARY_FILES
 
 
 def summary_of(model):
