@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
+from workspace import LIMIT, make_workspace, snakemake
 
 from gradspec.config import compose, project_root
 from gradspec.models import prepare_model
@@ -28,3 +31,20 @@ def smollm2_dir(repo_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def gemma3_dir(repo_root: Path) -> Path:
     return _prepared("gemma3_270m", repo_root)
+
+
+@pytest.fixture(scope="session")
+def finished_workspace(tmp_path_factory) -> Path:
+    """The quickstart workflow run for real on two samples per file; shared by every test that
+    needs its results (one run per session).
+
+    GRADSPEC_TEST_WORKSPACE names a workspace finished by an earlier session, to reuse it.
+    """
+    earlier = os.environ.get("GRADSPEC_TEST_WORKSPACE")
+    if earlier and (Path(earlier) / "results" / "quickstart" / "findings.md").exists():
+        return Path(earlier)
+    root = make_workspace(tmp_path_factory.mktemp("workflow"))
+    started = time.perf_counter()
+    snakemake(root, "--cores", "2", "--config", LIMIT)
+    print(f"workflow on data.limit=2: {time.perf_counter() - started:.0f} s")
+    return root

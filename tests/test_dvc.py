@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_workflow import BIN, LIMIT, finished_workspace, link_models, snakemake  # noqa: F401
+from workspace import BIN, LIMIT, link_models, snakemake  # noqa: F401
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
@@ -33,7 +33,7 @@ def test_default_remote_is_outside_the_work_tree():
 
 
 @pytest.mark.slow
-def test_push_then_pull_recomputes_nothing(finished_workspace, tmp_path):  # noqa: F811
+def test_push_then_pull_recomputes_nothing(finished_workspace, tmp_path):
     first, remote = finished_workspace, tmp_path / "remote"
     dvc(first, "remote", "modify", "--local", "local", "url", str(remote))
     started = time.perf_counter()

@@ -8,7 +8,7 @@ import re
 import time
 
 import pytest
-from test_workflow import MODEL, ROOT, finished_workspace, make_workspace, snakemake  # noqa: F401
+from workspace import MODEL, ROOT, make_workspace, snakemake  # noqa: F401
 
 from gradspec import data
 from gradspec.config import compose, experiment_files
@@ -79,7 +79,7 @@ def test_files_of_a_task_share_their_instructions(name):
 
 
 @pytest.mark.slow
-def test_new_outputs_of_the_quickstart_run(finished_workspace):  # noqa: F811
+def test_new_outputs_of_the_quickstart_run(finished_workspace):
     """The quickstart workflow run (two samples per file, shared with test_workflow) writes the
     kind tests, the length regression, their tables and the overall findings."""
     model = finished_workspace / "results" / "quickstart" / MODEL

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from slurm_cluster import Unavailable, install_packages
-from test_workflow import BIN, LIMIT, MODEL, finished_workspace, workflow_env  # noqa: F401
+from workspace import BIN, LIMIT, MODEL, workflow_env  # noqa: F401
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -49,7 +49,7 @@ def browse(chromium: str, page: Path, *args: str) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="session")
-def report(finished_workspace) -> Path:  # noqa: F811
+def report(finished_workspace) -> Path:
     """The report the workflow's report rule wrote, rebuilt if an earlier workspace lacks it."""
     page = finished_workspace / "results" / "quickstart" / "report.html"
     if not page.exists():
@@ -89,7 +89,7 @@ def test_report_loads_every_figure_without_console_errors(report, chromium):
 
 
 @pytest.mark.slow
-def test_report_shows_verdicts_tables_and_provenance(report, finished_workspace):  # noqa: F811
+def test_report_shows_verdicts_tables_and_provenance(report, finished_workspace):
     text = report.read_text()
     findings = json.loads((report.parent / MODEL / "summary" / "findings.json").read_text())
     for key, claim in findings["claims"].items():
@@ -111,7 +111,7 @@ def test_report_shows_verdicts_tables_and_provenance(report, finished_workspace)
 
 
 @pytest.mark.slow
-def test_wandb_report_offline_is_built_and_validated(report, finished_workspace):  # noqa: F811
+def test_wandb_report_offline_is_built_and_validated(report, finished_workspace):
     """No API key: the report object is built, checked against W&B's model and kept as JSON."""
     from wandb_workspaces.reports.v2.internal import ReportViewspec
 

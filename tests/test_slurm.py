@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from slurm_cluster import PACKAGES, PROGRAMS, SlurmCluster, Unavailable, install_packages
-from test_workflow import (  # noqa: F401
+from workspace import (  # noqa: F401
     BIN,
     LIMIT,
     ROOT,
-    finished_workspace,
     make_workspace,
     snakemake,
     workflow_env,
@@ -64,7 +63,10 @@ def spectra_files(root: Path) -> dict[str, Path]:
 
 
 def assert_same_spectra(local: Path, remote: Path) -> float:
-    """Same rows and labels; every metric within 1e-6 (relative to its size above 1)."""
+    """Same rows and labels; every metric within 1e-5 (relative to its size above 1).
+
+    The two runs batch the samples differently, and the engine holds a sample's numbers to 1e-5
+    across batches, not to the last bit."""
     a = pd.read_parquet(local).sort_values(KEYS, na_position="first").reset_index(drop=True)
     b = pd.read_parquet(remote).sort_values(KEYS, na_position="first").reset_index(drop=True)
     assert list(a.columns) == list(b.columns)
@@ -76,13 +78,13 @@ def assert_same_spectra(local: Path, remote: Path) -> float:
     assert np.array_equal(np.isnan(x), np.isnan(y))
     scale = np.maximum(1.0, np.abs(x))
     worst = float(np.nanmax(np.abs(x - y) / scale))
-    assert worst <= 1e-6, f"{remote}: largest difference {worst:.3g}"
+    assert worst <= 1e-5, f"{remote}: largest difference {worst:.3g}"
     return worst
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 12 extract jobs one after another on 2 cores; slower under load
-def test_workflow_on_slurm_equals_local_run(slurm_cluster, finished_workspace, tmp_path):  # noqa: F811
+def test_workflow_on_slurm_equals_local_run(slurm_cluster, finished_workspace, tmp_path):
     """The whole quickstart DAG as SLURM jobs, each file cut into one-record shards."""
     root = make_workspace(tmp_path / "slurm-workspace")
     command = [
