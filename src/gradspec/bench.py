@@ -191,7 +191,11 @@ def _scaled_model(base_config, hidden: int, layers: int, dtype, device):
     config.intermediate_size = int(round(ratio * hidden / 64)) * 64
     config.num_hidden_layers = layers
     config.num_attention_heads = heads
-    config.num_key_value_heads = max(1, heads // group)
+    # Keep about the base model's grouping of query heads per key-value head, as a divisor.
+    kv_heads = max(1, heads // group)
+    while heads % kv_heads:
+        kv_heads -= 1
+    config.num_key_value_heads = kv_heads
     config.head_dim = head_dim
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
