@@ -183,35 +183,26 @@ def claim_one(contrasts: pd.DataFrame) -> dict:
     """Claim 1 on the Detailed - None and Detailed - Simplified contrasts of correct responses."""
     if contrasts.empty:
         return {"testable": False}
-    cells = contrasts[
-        (contrasts["condition"] == "correct")
-        & (contrasts["metric"] == METRIC)
-        & (contrasts["group"] == GROUP)
-        & (contrasts["kind_a"] == "detailed")
-        & (contrasts["kind_b"].isin(COMPARED_TO_DETAILED))
+    selected = contrasts[contrasts["group"] == GROUP]
+    columns = ["value_a", "value_b", "difference", "ci_low", "ci_high"]
+    return _detailed_cell_verdicts(selected, columns)
+
+
+def _detailed_cell_verdicts(frame: pd.DataFrame, value_columns: list[str]) -> dict:
+    """The cell rule on every Detailed-vs-faster row of correct responses, and its aggregates."""
+    cells = frame[
+        (frame["condition"] == "correct")
+        & (frame["metric"] == METRIC)
+        & (frame["kind_a"] == "detailed")
+        & (frame["kind_b"].isin(COMPARED_TO_DETAILED))
     ].copy()
     if cells.empty:
         return {"testable": False}
     cells["verdict"] = [
         interval_verdict(low, high) for low, high in zip(cells.ci_low, cells.ci_high, strict=True)
     ]
-    columns = [
-        "task",
-        "kind_a",
-        "kind_b",
-        "statistic",
-        "module",
-        "value_a",
-        "value_b",
-        "difference",
-        "ci_low",
-        "ci_high",
-        "n_a",
-        "n_b",
-        "response_tokens_a",
-        "response_tokens_b",
-        "verdict",
-    ]
+    labels = ["task", "kind_a", "kind_b", "statistic", "module"]
+    sizes = ["n_a", "n_b", "response_tokens_a", "response_tokens_b", "verdict"]
     verdicts = cells["verdict"].tolist()
     return {
         "testable": True,
@@ -221,7 +212,7 @@ def claim_one(contrasts: pd.DataFrame) -> dict:
             statistic: aggregate(part["verdict"].tolist())
             for statistic, part in cells.groupby("statistic", sort=False)
         },
-        "cells": records(cells[columns]),
+        "cells": records(cells[labels + value_columns + sizes]),
     }
 
 
@@ -317,46 +308,9 @@ def claim_one_length(regression: pd.DataFrame) -> dict:
     """Claim 1 at equal response length: the cell rule on the regression's kind coefficient."""
     if regression.empty:
         return {"testable": False}
-    cells = regression[
-        (regression["condition"] == "correct")
-        & (regression["metric"] == METRIC)
-        & (regression["kind_a"] == "detailed")
-        & (regression["kind_b"].isin(COMPARED_TO_DETAILED))
-    ].copy()
-    if cells.empty:
-        return {"testable": False}
-    cells["verdict"] = [
-        interval_verdict(low, high) for low, high in zip(cells.ci_low, cells.ci_high, strict=True)
-    ]
-    columns = [
-        "task",
-        "kind_a",
-        "kind_b",
-        "statistic",
-        "module",
-        "raw_difference",
-        "kind_coefficient",
-        "ci_low",
-        "ci_high",
-        "length_coefficient",
-        "length_overlap",
-        "n_a",
-        "n_b",
-        "response_tokens_a",
-        "response_tokens_b",
-        "verdict",
-    ]
-    verdicts = cells["verdict"].tolist()
-    return {
-        "testable": True,
-        "verdict": aggregate(verdicts),
-        "counts": counts(verdicts),
-        "by_statistic": {
-            statistic: aggregate(part["verdict"].tolist())
-            for statistic, part in cells.groupby("statistic", sort=False)
-        },
-        "cells": records(cells[columns]),
-    }
+    columns = ["raw_difference", "kind_coefficient", "ci_low", "ci_high", "length_coefficient",
+               "length_overlap"]  # fmt: skip
+    return _detailed_cell_verdicts(regression, columns)
 
 
 def longer_verdict(low: float, high: float, reduction: float = DETAILED_LIKE_REDUCTION) -> str:
