@@ -3,6 +3,7 @@ clone and find that Snakemake has nothing to recompute."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ def test_default_remote_is_outside_the_work_tree():
 
 @pytest.mark.slow
 def test_push_then_pull_recomputes_nothing(finished_workspace, tmp_path):
-    first, remote = finished_workspace, tmp_path / "remote"
+    # A copy: the commit made here must not change the shared workspace other tests read.
+    first, remote = tmp_path / "first", tmp_path / "remote"
+    shutil.copytree(finished_workspace, first, symlinks=True)
     dvc(first, "remote", "modify", "--local", "local", "url", str(remote))
     started = time.perf_counter()
     dvc(first, "commit", "--force")

@@ -63,10 +63,11 @@ def spectra_files(root: Path) -> dict[str, Path]:
 
 
 def assert_same_spectra(local: Path, remote: Path) -> float:
-    """Same rows and labels; every metric within 1e-5 (relative to its size above 1).
+    """Same rows and labels; every metric within 5e-5 (relative to its size above 1).
 
-    The two runs batch the samples differently, and the engine holds a sample's numbers to 1e-5
-    across batches, not to the last bit."""
+    The two runs batch the samples differently (one-record shards against a batch of two), and
+    float32 rounding in the forward pass then differs: measured up to 8e-6 on the spectral norm
+    of two-token None CoT answers, and twice that on the stable rank, a ratio of squares."""
     a = pd.read_parquet(local).sort_values(KEYS, na_position="first").reset_index(drop=True)
     b = pd.read_parquet(remote).sort_values(KEYS, na_position="first").reset_index(drop=True)
     assert list(a.columns) == list(b.columns)
@@ -78,7 +79,7 @@ def assert_same_spectra(local: Path, remote: Path) -> float:
     assert np.array_equal(np.isnan(x), np.isnan(y))
     scale = np.maximum(1.0, np.abs(x))
     worst = float(np.nanmax(np.abs(x - y) / scale))
-    assert worst <= 1e-5, f"{remote}: largest difference {worst:.3g}"
+    assert worst <= 5e-5, f"{remote}: largest difference {worst:.3g}"
     return worst
 
 
