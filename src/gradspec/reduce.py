@@ -43,17 +43,10 @@ from omegaconf import DictConfig
 from gradspec import paths, tracking
 from gradspec import stats as st
 from gradspec.config import MODULES, FileSpec, experiment_files, to_yaml
+from gradspec.spectra import METRICS
 
 log = logging.getLogger(__name__)
 
-METRICS = (
-    "nuclear_norm",
-    "spectral_norm",
-    "spectral_ratio",
-    "frobenius_norm",
-    "effective_rank",
-    "stable_rank",
-)
 LABELS = ("model", "dataset", "condition", "task", "kind", "file")
 # Paper 1's response kinds from the least to the most reasoning; other kinds keep config order.
 KIND_ORDER = ("none", "simplified", "detailed")
