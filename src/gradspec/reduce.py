@@ -569,6 +569,22 @@ def bh_share(layer_p: np.ndarray, n_metrics: int, alpha: float) -> tuple[np.ndar
 KIND_TEST_SCOPES = {"level": st.sample_level, "mad": st.sample_mad}
 
 
+def kind_pair_labels(first, second) -> tuple[dict, pd.MultiIndex]:
+    """The row labels of a kind-against-kind table, and its (module, metric) columns."""
+    labels = {
+        "model": first.labels["model"],
+        "dataset": first.labels["dataset"],
+        "condition": first.labels["condition"],
+        "task": first.labels["task"],
+        "kind_a": first.labels["kind"],
+        "kind_b": second.labels["kind"],
+    }
+    features = pd.MultiIndex.from_product(
+        [first.modules, first.metrics], names=["module", "metric"]
+    )
+    return labels, features
+
+
 def kind_test_rows(first: FileSamples, second: FileSamples, alpha: float) -> pd.DataFrame:
     """Kind ``a`` (``first``) against kind ``b`` (``second``) on the same instructions.
 
@@ -583,17 +599,7 @@ def kind_test_rows(first: FileSamples, second: FileSamples, alpha: float) -> pd.
     x_a, x_b = matched(first, second)
     tokens_a, tokens_b = matched_tokens(first, second)
     n_modules, n_metrics = len(first.modules), len(first.metrics)
-    labels = {
-        "model": first.labels["model"],
-        "dataset": first.labels["dataset"],
-        "condition": first.labels["condition"],
-        "task": first.labels["task"],
-        "kind_a": first.labels["kind"],
-        "kind_b": second.labels["kind"],
-    }
-    features = pd.MultiIndex.from_product(
-        [first.modules, first.metrics], names=["module", "metric"]
-    )
+    labels, features = kind_pair_labels(first, second)
     layered = st.paired_tests(x_b, x_a)
     layered["p_adjusted"], share = bh_share(layered["wilcoxon_p"], n_metrics, alpha)
 
@@ -649,17 +655,7 @@ def length_regression_rows(
     plain difference of the means, for comparison. Intervals: percentile bootstrap, each file
     resampled independently with the same weights as its curves.
     """
-    labels = {
-        "model": first.labels["model"],
-        "dataset": first.labels["dataset"],
-        "condition": first.labels["condition"],
-        "task": first.labels["task"],
-        "kind_a": first.labels["kind"],
-        "kind_b": second.labels["kind"],
-    }
-    features = pd.MultiIndex.from_product(
-        [first.modules, first.metrics], names=["module", "metric"]
-    )
+    labels, features = kind_pair_labels(first, second)
     frames = []
     for statistic, function in KIND_TEST_SCOPES.items():
         fit = st.length_regression(
