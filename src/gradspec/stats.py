@@ -137,16 +137,12 @@ def holm(p_values: np.ndarray) -> np.ndarray:
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (standard statistics); NaN entries are no tests."""
+    """Benjamini-Hochberg adjusted p-values (scipy's); NaN entries are no tests."""
     p = np.asarray(p_values, dtype=float)
     adjusted = np.full(p.shape, np.nan)
-    tested = np.flatnonzero(np.isfinite(p))
-    m = tested.size
-    if m == 0:
-        return adjusted
-    order = tested[np.argsort(p[tested], kind="stable")]
-    scaled = p[order] * m / np.arange(1, m + 1)
-    adjusted[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    tested = np.isfinite(p)
+    if tested.any():
+        adjusted[tested] = stats.false_discovery_control(p[tested], method="bh")
     return adjusted
 
 
