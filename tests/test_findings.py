@@ -18,6 +18,7 @@ from gradspec.findings import (
     aggregate,
     claim_five,
     claim_one,
+    claim_one_early,
     claim_one_length,
     claim_three,
     findings_command,
@@ -137,6 +138,37 @@ def test_claim_one_verdicts():
     assert mixed["verdict"] == INCONCLUSIVE
     assert mixed["counts"] == {HOLDS: 1, FAILS: 0, INCONCLUSIVE: 1}
     assert mixed["cells"][0]["response_tokens_a"] == 300.0
+
+
+def grouped_contrasts(groups: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """Detailed - none level contrasts of one module, one row per layer group."""
+    frame = contrasts(list(groups.values())).assign(module="q_proj")
+    return frame.assign(group=list(groups))
+
+
+@pytest.mark.parametrize(
+    ("groups", "expected"),
+    [
+        # Detailed - none per group; the gap none - Detailed is the negative: early 3..5.
+        ({"early": (-5.0, -3.0), "middle": (-2.0, -1.0), "late": (-2.5, -0.5)}, HOLDS),
+        # Middle's gap interval [2, 4] overlaps early's [3, 5].
+        ({"early": (-5.0, -3.0), "middle": (-4.0, -2.0), "late": (-2.5, -0.5)}, INCONCLUSIVE),
+        # Late's gap [6, 7] lies above early's [3, 5].
+        ({"early": (-5.0, -3.0), "middle": (-2.0, -1.0), "late": (-7.0, -6.0)}, FAILS),
+    ],
+)
+def test_claim_one_early_layers(groups, expected):
+    result = claim_one_early(grouped_contrasts(groups))
+    assert result["testable"]
+    [cell] = result["cells"]
+    assert cell["verdict"] == expected
+    assert (cell["gap_early"], cell["gap_early_low"], cell["gap_early_high"]) == (4.0, 3.0, 5.0)
+    assert result["verdict"] == expected
+
+
+def test_claim_one_early_layers_needs_every_group():
+    frame = grouped_contrasts({"early": (-5.0, -3.0), "all": (-2.0, -1.0)})
+    assert claim_one_early(frame) == {"testable": False}
 
 
 def test_claim_one_not_testable_without_detailed():

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from scipy import stats as sps
 
-from gradspec import paths
+from gradspec import paths, quality
 from gradspec.config import compose
 from gradspec.extract import SCHEMA
 from gradspec.quality import (
@@ -220,3 +220,19 @@ def test_dry_run(experiment):
 
 
 _ = pa  # the schema's types come from extract.SCHEMA
+
+
+def test_truncation_lines_name_what_was_cut():
+    rows = [
+        {"dataset": "reasoning", "file": "s1_r1", "samples": 3, "truncated": 3,
+         "mean_response_tokens": 900.0, "mean_response_tokens_full": 4000.0,
+         "max_response_tokens_full": 9000, "max_length": 1024},
+        {"dataset": "quality_diff", "file": "wiz_lowest", "samples": 3, "truncated": 0,
+         "mean_response_tokens": 20.0, "mean_response_tokens_full": 20.0,
+         "max_response_tokens_full": 31, "max_length": 1024},
+    ]  # fmt: skip
+    lines = quality.truncation_lines(rows)
+    assert lines[0] == "Cut at prompt.max_length = 1024 tokens (prompt first):"
+    assert "| reasoning | s1_r1 | 3 of 3 | 900 | 4000 | 9000 |" in lines
+    assert not any("wiz_lowest" in line for line in lines)
+    assert quality.truncation_lines(rows[1:]) == []

@@ -177,3 +177,46 @@ def test_length_regression_cells(tables):
     raw = np.mean(y[:3]) - np.mean(y[3:])
     assert row["q_proj raw"] == pytest.approx(raw)
     assert row["length overlap"] == 1.0
+
+
+def test_datasets_sharing_tasks_and_kinds_get_rows_of_their_own(tmp_path):
+    """Paper 2's metrics (one dataset each) name the same files: wiz highest and lowest."""
+    overrides = [
+        f"results_dir={tmp_path}",
+        "experiment=quality",
+        "experiment.datasets=[quality_diff,quality_reward]",
+        "experiment.tasks=[wiz]",
+        "reduce.n_bootstrap=20",
+    ]
+    cfg = compose(overrides)
+    model = cfg.experiment.models[0]
+    # Reward's values are three times difficulty's, so a mixed-up row would show.
+    scale = {"quality_diff": 1.0, "quality_reward": 3.0}
+    kinds = {"highest": "detailed", "lowest": "none"}
+    for source in spectra_sources(cfg, model):
+        values = [
+            [v * scale[source.spec.dataset] for v in sample]
+            for sample in CORRECT[kinds[source.spec.kind]]
+        ]
+        source.path.parent.mkdir(parents=True, exist_ok=True)
+        spectra_rows(source.spec.file, source.spec.dataset, values).to_parquet(source.path)
+    cfg = compose([*overrides, f"model={model}"])
+    reduce_command(cfg)
+    tables_command(cfg)
+
+    directory = paths.tables_dir(tmp_path, cfg.experiment.name, model)
+    table = pd.read_csv(directory / "mad_nuclear_norm.csv")
+    assert table[["dataset", "kind"]].values.tolist() == [
+        ["quality_diff", "highest"],
+        ["quality_diff", "lowest"],
+        ["quality_reward", "highest"],
+        ["quality_reward", "lowest"],
+    ]
+    for _, row in table.iterrows():
+        curve = mean_curve(CORRECT[kinds[row.kind]])
+        expected = scale[row.dataset] * hand_mad(curve, 0, 8)
+        assert row["q_proj all"] == pytest.approx(expected), (row.dataset, row.kind)
+
+    tests = pd.read_csv(directory / "kind_tests_nuclear_norm.csv")
+    assert sorted(set(tests["dataset"])) == ["quality_diff", "quality_reward"]
+    assert len(tests) == 4  # (level, mad) per dataset

@@ -45,6 +45,7 @@ METRIC = "nuclear_norm"
 GROUP = "all"
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 COMPARED_TO_DETAILED = ("none", "simplified")
+LAYER_GROUPS = ("early", "middle", "late")
 
 # Claim 5: the knowledge data's short answers and the longer answers compared with them.
 SHORT_KIND = "words_100"
@@ -77,6 +78,12 @@ RULES = {
     "over layers, or its own MAD across layers), each file resampled independently. Where the "
     "kinds' lengths do not overlap (length_overlap = 0), b_kind extrapolates along the fitted "
     "slope and is to be read with that in mind.",
+    "early": "Claim 1, where the faster kinds' larger gradients lie: per task, faster kind "
+    "(None, Simplified CoT), statistic and module, the gap `other - Detailed` of the level "
+    "(mean curve) or MAD in the early, middle and late layers, each with its bootstrap "
+    "interval: **holds** when the early gap's interval lies above both other groups' intervals "
+    "(most in early layers), **does not hold** when it lies below either one, **inconclusive** "
+    "otherwise (overlapping intervals).",
     "separation": "For one task, take the paired Wilcoxon test of each module on the per-sample "
     "mean over layers (irrelevant - correct, same instructions), Holm-adjusted over modules, "
     "significant when the adjusted p is below alpha. With s_D and s_N the shares of modules "
@@ -313,6 +320,69 @@ def claim_one_length(regression: pd.DataFrame) -> dict:
     return _detailed_cell_verdicts(regression, columns)
 
 
+def early_verdict(early: tuple[float, float], others: list[tuple[float, float]]) -> str:
+    """The rule `early` on (low, high) gap intervals: early above every other group's interval."""
+    if any(math.isnan(v) for v in (*early, *(v for other in others for v in other))):
+        return INCONCLUSIVE
+    if all(early[0] > high for _, high in others):
+        return HOLDS
+    if any(early[1] < low for low, _ in others):
+        return FAILS
+    return INCONCLUSIVE
+
+
+def claim_one_early(contrasts: pd.DataFrame) -> dict:
+    """Claim 1's "most in early layers": the faster kinds' gap over Detailed CoT per layer group."""
+    if contrasts.empty:
+        return {"testable": False}
+    rows = contrasts[
+        (contrasts["condition"] == "correct")
+        & (contrasts["metric"] == METRIC)
+        & (contrasts["kind_a"] == "detailed")
+        & (contrasts["kind_b"].isin(COMPARED_TO_DETAILED))
+        & (contrasts["group"].isin(LAYER_GROUPS))
+    ]
+    if rows.empty:
+        return {"testable": False}
+    cells = []
+    for (task, kind, statistic, module), part in rows.groupby(
+        ["task", "kind_b", "statistic", "module"], sort=False
+    ):
+        # The contrast is Detailed - other; the gap is its negative, interval flipped.
+        gaps = {
+            row.group: (-row.difference, -row.ci_high, -row.ci_low) for row in part.itertuples()
+        }
+        if set(gaps) != set(LAYER_GROUPS):
+            continue
+        early = gaps["early"][1:]
+        verdict = early_verdict(early, [gaps[g][1:] for g in LAYER_GROUPS[1:]])
+        cells.append(
+            {
+                "task": task,
+                "kind": kind,
+                "statistic": statistic,
+                "module": module,
+                **{f"gap_{g}": gaps[g][0] for g in LAYER_GROUPS},
+                **{f"gap_{g}_low": gaps[g][1] for g in LAYER_GROUPS},
+                **{f"gap_{g}_high": gaps[g][2] for g in LAYER_GROUPS},
+                "verdict": verdict,
+            }  # fmt: skip
+        )
+    if not cells:
+        return {"testable": False}
+    verdicts = [cell["verdict"] for cell in cells]
+    by_statistic = {}
+    for cell in cells:
+        by_statistic.setdefault(cell["statistic"], []).append(cell["verdict"])
+    return {
+        "testable": True,
+        "verdict": aggregate(verdicts),
+        "counts": counts(verdicts),
+        "by_statistic": {k: aggregate(v) for k, v in by_statistic.items()},
+        "cells": [{k: clean(v) for k, v in cell.items()} for cell in cells],
+    }
+
+
 def longer_verdict(low: float, high: float, reduction: float = DETAILED_LIKE_REDUCTION) -> str:
     """Claim 5's rule on the interval of a relative change (see :data:`RULES`)."""
     if math.isnan(low) or math.isnan(high):
@@ -413,6 +483,7 @@ def model_findings(summary: Path, model: str, experiment: str, confidence: float
     claims["1"]["length_controlled"] = claim_one_length(
         read_optional(summary / "length_regression.parquet")
     )
+    claims["1"]["early_layers"] = claim_one_early(contrasts)
     for key, claim in claims.items():
         claim["statement"] = STATEMENTS[key]
     return {
@@ -678,7 +749,33 @@ def claim_one_section(result: dict) -> list[str]:
     header = ["task", "kinds", "statistic", "module", "detailed", "other", "difference [CI]",
               "response tokens", "n", "verdict"]  # fmt: skip
     lines += [*markdown_table(header, rows), ""]
-    return lines + length_section(claim.get("length_controlled", {"testable": False}))
+    lines += length_section(claim.get("length_controlled", {"testable": False}))
+    return lines + early_section(claim.get("early_layers", {"testable": False}))
+
+
+def early_section(claim: dict) -> list[str]:
+    lines = ["Where the faster kinds' larger gradients lie (rule `early`):", ""]
+    if not claim["testable"]:
+        return [*lines, "Not testable: no early, middle and late contrasts.", ""]
+    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
+    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    rows = [
+        [
+            cell["task"],
+            f"{cell['kind']} - detailed",
+            cell["statistic"],
+            cell["module"],
+            *(
+                interval_text(cell[f"gap_{g}"], cell[f"gap_{g}_low"], cell[f"gap_{g}_high"])
+                for g in LAYER_GROUPS
+            ),
+            cell["verdict"],
+        ]
+        for cell in claim["cells"]
+    ]
+    header = ["task", "gap", "statistic", "module", *(f"{g} [CI]" for g in LAYER_GROUPS),
+              "verdict"]  # fmt: skip
+    return [*lines, *markdown_table(header, rows), ""]
 
 
 def length_section(claim: dict) -> list[str]:
@@ -808,6 +905,7 @@ def experiment_record(experiment: str, results: list[dict], cross: dict, missing
         per_model[result["model"]] = {
             "1": verdict_of(claims["1"]),
             "1_length_controlled": verdict_of(claims["1"].get("length_controlled", {})),
+            "1_early_layers": verdict_of(claims["1"].get("early_layers", {})),
             "3": verdict_of(claims["3"]),
             "5": verdict_of(claims["5"]),
             "loss_reduction": result.get("loss_reduction"),
@@ -833,11 +931,17 @@ def overall_markdown(records_: list[dict]) -> str:
     """Every experiment's verdicts: one table per claim, rows experiment x model (or pair)."""
     lines = ["# Findings: every experiment", "", "Rules, numbers and caveats: each experiment's "
              "findings.md. Models differ in family as well as tuning (see there).", ""]  # fmt: skip
-    for key, label in (("1", "1"), ("1_length_controlled", "1 at equal length"), ("3", "3"),
+    for key, label in (("1", "1"), ("1_length_controlled", "1 at equal length"),
+                       ("1_early_layers", "1, most in early layers"), ("3", "3"),
                        ("5", "5")):  # fmt: skip
         lines += [f"## Claim {label}", "", STATEMENTS[key.split("_")[0]], ""]
         rows = [
-            [record["experiment"], model, verdicts[key], str(verdicts.get("loss_reduction"))]
+            [
+                record["experiment"],
+                model,
+                verdicts.get(key, "not testable"),
+                str(verdicts.get("loss_reduction")),
+            ]
             for record in records_
             for model, verdicts in record["models"].items()
         ]

@@ -812,6 +812,7 @@ def findings_markdown(cfg: DictConfig, results: dict, four: dict) -> str:
     lines += [*table(["claim", "statement", *models], rows), ""]
     for model in models:
         lines += model_section(model, results[model]["claims"])
+        lines += truncation_lines(results[model].get("truncation", []))
     lines += ["## Claim 4 (across models)", ""]
     for relation in ("same family", "different family"):
         part = four[relation]
@@ -826,6 +827,20 @@ def findings_markdown(cfg: DictConfig, results: dict, four: dict) -> str:
     lines += [f"- **{name}**: {text}" for name, text in RULES.items()]
     lines += ["", "## Caveats", ""] + [f"- {text}" for text in CAVEATS] + [""]
     return "\n".join(lines)
+
+
+def truncation_lines(rows: list[dict]) -> list[str]:
+    """What the token limit cut, per file with a cut record: kept against full response tokens."""
+    cut = [r for r in rows if r.get("truncated")]
+    if not cut:
+        return []
+    lines = [f"Cut at prompt.max_length = {cut[0]['max_length']} tokens (prompt first):", ""]
+    body = [[r["dataset"], r["file"], f"{r['truncated']} of {r['samples']}",
+             number(r["mean_response_tokens"], 0), number(r["mean_response_tokens_full"], 0),
+             r["max_response_tokens_full"]] for r in cut]  # fmt: skip
+    header = ["dataset", "file", "records cut", "mean response tokens kept", "mean in full",
+              "longest in full"]  # fmt: skip
+    return [*lines, *table(header, body), ""]
 
 
 def model_section(model: str, claims: dict) -> list[str]:

@@ -51,6 +51,7 @@ def module_order(modules) -> list[str]:
 def row_order(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Sort rows by task (first seen), kind (paper 1's order) and condition (correct first)."""
     ranks = {
+        "dataset": {name: i for i, name in enumerate(dict.fromkeys(frame.get("dataset", [])))},
         "task": {task: i for i, task in enumerate(dict.fromkeys(frame["task"]))},
         "kind": {kind: i for i, kind in enumerate(ordered_kinds(frame["kind"]))},
         "condition": {
@@ -58,6 +59,20 @@ def row_order(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         },
     }
     return frame.sort_values(keys, key=lambda column: column.map(ranks[column.name]))
+
+
+def row_keys(frame: pd.DataFrame, keys: list[str]) -> list[str]:
+    """``keys``, led by the dataset where one key names files of several datasets.
+
+    Paper 2's datasets (one per quality metric) share their tasks and kinds (wiz, highest).
+    """
+    if (
+        "dataset" in frame.columns
+        and len(frame)
+        and frame.groupby(keys)["dataset"].nunique().max() > 1
+    ):
+        return ["dataset", *keys]
+    return keys
 
 
 def wide_by_group(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
@@ -80,14 +95,15 @@ def with_extra_columns(
     per_row = frame.drop_duplicates(keys).set_index(keys)
     for name, source in extra.items():
         wide[(name, "")] = per_row[source].reindex(wide.index)
-    ordered = row_order(wide.reset_index()[keys], keys)
+    # Rows of the files present: pivot_table adds every combination of the keys' values.
+    ordered = row_order(per_row.reset_index()[keys], keys)
     return wide.loc[pd.MultiIndex.from_frame(ordered) if len(keys) > 1 else ordered[keys[0]]]
 
 
 def mad_table(mad: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Paper 1's MAD table for one metric, one row per task, kind and condition."""
-    keys = ["task", "kind", "condition"]
     rows = mad[mad["metric"] == metric]
+    keys = row_keys(rows, ["task", "kind", "condition"])
     wide = wide_by_group(rows, keys, "mad")
     return with_extra_columns(wide, rows, keys, {"tokens": "mean_response_tokens", "n": "n"})
 
@@ -131,8 +147,8 @@ def wide_text_by_group(frame: pd.DataFrame, keys: list[str], cells: pd.Series) -
 
 def mad_interval_table(mad: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The MAD table's cells with their bootstrap intervals."""
-    keys = ["task", "kind", "condition"]
     rows = mad[mad["metric"] == metric]
+    keys = row_keys(rows, ["task", "kind", "condition"])
     wide = wide_text_by_group(rows, keys, interval_cells(rows, "mad", "mad_low", "mad_high"))
     return with_extra_columns(wide, rows, keys, {"tokens": "mean_response_tokens", "n": "n"})
 
@@ -161,9 +177,10 @@ PAIR_KEYS = ["task", "condition", "kind_a", "kind_b", "statistic"]
 
 def per_module(frame: pd.DataFrame, columns: dict[str, pd.Series]) -> pd.DataFrame:
     """Columns (module, quantity) per row of :data:`PAIR_KEYS`, modules in the papers' order."""
+    keys = row_keys(frame, PAIR_KEYS)
     parts = []
     for name, values in columns.items():
-        part = frame.assign(value=values).pivot(index=PAIR_KEYS, columns="module", values="value")
+        part = frame.assign(value=values).pivot(index=keys, columns="module", values="value")
         part.columns = pd.MultiIndex.from_product([part.columns, [name]])
         parts.append(part)
     wide = pd.concat(parts, axis=1)
@@ -208,7 +225,8 @@ def length_table(regression: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def with_pair_columns(wide: pd.DataFrame, rows: pd.DataFrame, extra: dict[str, str]):
-    per_row = rows.drop_duplicates(PAIR_KEYS).set_index(PAIR_KEYS)
+    keys = row_keys(rows, PAIR_KEYS)
+    per_row = rows.drop_duplicates(keys).set_index(keys)
     for name, source in extra.items():
         wide[(name, "")] = per_row[source].reindex(wide.index)
     return wide
