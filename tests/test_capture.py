@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from gradspec import capture as capture_module
 from gradspec import data, prompts
 from gradspec.capture import SpectralCapture, find_projections, run_batch
 from gradspec.config import MODULES
@@ -160,6 +161,24 @@ def test_results_do_not_depend_on_the_batch(smollm2):
             for a, t in zip(values, together.metrics[(b, layer, module)], strict=True):
                 worst = max(worst, abs(a - t) / abs(t))
     assert worst < 1e-5
+
+
+def test_logit_gradient_kept_or_recomputed_gives_the_same_spectra(smollm2, monkeypatch):
+    """Forward keeps the logits' gradient while it is small; a larger batch recomputes it."""
+    model, tokenizer = smollm2
+    batch = [encode_base(tokenizer, "What is 12 times 7?", "12 times 7 is 84. The answer is 84.")]
+    kept, _ = engine_metrics(model, batch)
+    monkeypatch.setattr(capture_module, "_KEPT_LOGIT_ENTRIES", 0)
+    recomputed, _ = engine_metrics(model, batch)
+
+    assert recomputed.losses == kept.losses
+    worst = max(
+        abs(a - b) / abs(b)
+        for key, values in kept.metrics.items()
+        for a, b in zip(recomputed.metrics[key], values, strict=True)
+        if b != 0
+    )
+    assert worst < 1e-6
 
 
 def test_gpt2_conv1d_and_fused_qkv():

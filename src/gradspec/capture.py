@@ -262,6 +262,10 @@ def _require_grad(module, args, output):
 # Logits are the largest tensor for big vocabularies (Gemma-3: 262k entries, about 1 GB per 1,000
 # tokens in float32): they are made for this many entries at a time, and again in backward.
 _LOGIT_CHUNK_ENTRIES = 1 << 25
+# The loss gradient with respect to the logits is kept from forward, instead of recomputing the
+# logits in backward, while the batch's logits have at most this many entries (512 MB in float32):
+# one output-head product per token saved, a large share of a small model's pass.
+_KEPT_LOGIT_ENTRIES = 1 << 27
 # The hidden-state gradient sums over the whole vocabulary. With few rows a float32 product runs
 # as one long dot product per entry (errors near 1e-5 at 49k entries, grown to 1e-4 by the
 # layers below); summing blocks of this many entries in float64 keeps it near 1e-7.
@@ -291,20 +295,27 @@ def _logits(head: nn.Linear, hidden: torch.Tensor, cap: float | None) -> torch.T
 class _TokenLosses(torch.autograd.Function):
     """Cross-entropy of each supervised position from hidden states, logits never kept whole.
 
-    Forward and backward go over chunks of positions; backward recomputes each chunk's logits
-    and returns the gradient for the hidden states only (the output head is frozen).
+    Forward and backward go over chunks of positions and return the gradient for the hidden
+    states only (the output head is frozen). When the batch's logits are small enough, forward
+    keeps each chunk's loss gradient with respect to its logits; otherwise backward recomputes it.
     """
 
     @staticmethod
     def forward(ctx, hidden, targets, head, cap, chunk):
         ctx.save_for_backward(hidden, targets)
         ctx.head, ctx.cap, ctx.chunk = head, cap, chunk
+        keep = hidden.shape[0] * head.weight.shape[0] <= _KEPT_LOGIT_ENTRIES
+        ctx.kept = []
         losses = []
         for i in range(0, hidden.shape[0], chunk):
-            logits = _logits(head, hidden[i : i + chunk], cap)
-            losses.append(
-                nn.functional.cross_entropy(logits, targets[i : i + chunk], reduction="none")
+            raw = _at_least_float32(
+                nn.functional.linear(hidden[i : i + chunk], head.weight, head.bias)
             )
+            logits = torch.tanh(raw / cap) * cap if cap else raw
+            chunk_targets = targets[i : i + chunk]
+            losses.append(nn.functional.cross_entropy(logits, chunk_targets, reduction="none"))
+            if keep:
+                ctx.kept.append(_logit_gradient(raw, logits, chunk_targets, cap))
         return torch.cat(losses)
 
     @staticmethod
@@ -312,19 +323,29 @@ class _TokenLosses(torch.autograd.Function):
         hidden, targets = ctx.saved_tensors
         head, cap, chunk = ctx.head, ctx.cap, ctx.chunk
         grad_hidden = torch.empty_like(hidden)
-        for i in range(0, hidden.shape[0], chunk):
-            raw = _at_least_float32(
-                nn.functional.linear(hidden[i : i + chunk], head.weight, head.bias)
-            )
-            logits = torch.tanh(raw / cap) * cap if cap else raw
-            grad_logits = torch.softmax(logits, dim=-1)
-            rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
-            grad_logits[rows, targets[i : i + chunk]] -= 1
+        for n, i in enumerate(range(0, hidden.shape[0], chunk)):
+            if ctx.kept:
+                grad_logits = ctx.kept[n]
+            else:
+                raw = _at_least_float32(
+                    nn.functional.linear(hidden[i : i + chunk], head.weight, head.bias)
+                )
+                logits = torch.tanh(raw / cap) * cap if cap else raw
+                grad_logits = _logit_gradient(raw, logits, targets[i : i + chunk], cap)
             grad_logits *= grad_losses[i : i + chunk, None]
-            if cap:
-                grad_logits *= 1 - torch.tanh(raw / cap) ** 2
             grad_hidden[i : i + chunk] = _blocked_product(grad_logits, head.weight).to(hidden.dtype)
+        ctx.kept = []
         return grad_hidden, None, None, None, None
+
+
+def _logit_gradient(raw, logits, targets, cap) -> torch.Tensor:
+    """d(cross-entropy)/d(raw logits) per row: softmax minus one-hot, through the soft cap."""
+    grad = torch.softmax(logits, dim=-1)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, targets] -= 1
+    if cap:
+        grad *= 1 - torch.tanh(raw / cap) ** 2
+    return grad
 
 
 def _blocked_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
