@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from workspace import MODEL, make_workspace, snakemake
 
 from gradspec.config import compose
 from gradspec.score import read_document, render, score_file, select, with_fields
@@ -137,3 +138,25 @@ def test_selection_of_a_subset(tmp_path):
     pieces = {i: text[s:e] for i, (s, e) in enumerate(document.spans)}
     assert render(document, pieces) == text
     assert json.loads(render(document, pieces, [0, 2])) == [{"a": 1}, {"a": 3}]
+
+
+def test_score_target_of_the_workflow(tmp_path):
+    """`results/score/MODEL/NAME.json` from `data/NAME.json` through the real Snakemake rule."""
+    root = make_workspace(tmp_path / "workspace")
+    text = json.dumps(ALPACA[:2], indent=2, ensure_ascii=False)
+    (root / "data").mkdir()
+    (root / "data" / "tiny.json").write_text(text, encoding="utf-8")
+    target = f"results/score/{MODEL}/tiny.json"
+    choose = "select.by=effective_rank select.fraction=0.5 extract.modules=[q_proj,v_proj]"
+
+    snakemake(root, "--cores", "2", target, "--config", f"overrides={choose}")
+
+    out_text = (root / target).read_text(encoding="utf-8")
+    check_kept(ALPACA[:2], json.loads(out_text))
+    assert strip_added(out_text) == text
+    scored = json.loads(out_text)
+    assert [r["gradspec_status"] for r in scored] == ["ok", "ok"]
+    chosen = json.loads((root / f"results/score/{MODEL}/tiny.selected.json").read_text())
+    assert len(chosen) == 1
+    assert chosen[0]["gradspec_effective_rank"] == max(r["gradspec_effective_rank"] for r in scored)
+    assert (root / f"results/score/{MODEL}/tiny.spectra.parquet").exists()
