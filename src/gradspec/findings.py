@@ -195,14 +195,19 @@ def claim_one(contrasts: pd.DataFrame) -> dict:
     return _detailed_cell_verdicts(selected, columns)
 
 
-def _detailed_cell_verdicts(frame: pd.DataFrame, value_columns: list[str]) -> dict:
-    """The cell rule on every Detailed-vs-faster row of correct responses, and its aggregates."""
-    cells = frame[
+def detailed_against_faster(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of correct responses comparing Detailed CoT (a) with None or Simplified CoT (b)."""
+    return frame[
         (frame["condition"] == "correct")
         & (frame["metric"] == METRIC)
         & (frame["kind_a"] == "detailed")
         & (frame["kind_b"].isin(COMPARED_TO_DETAILED))
-    ].copy()
+    ]
+
+
+def _detailed_cell_verdicts(frame: pd.DataFrame, value_columns: list[str]) -> dict:
+    """The cell rule on every Detailed-vs-faster row of correct responses, and its aggregates."""
+    cells = detailed_against_faster(frame).copy()
     if cells.empty:
         return {"testable": False}
     cells["verdict"] = [
@@ -335,13 +340,8 @@ def claim_one_early(contrasts: pd.DataFrame) -> dict:
     """Claim 1's "most in early layers": the faster kinds' gap over Detailed CoT per layer group."""
     if contrasts.empty:
         return {"testable": False}
-    rows = contrasts[
-        (contrasts["condition"] == "correct")
-        & (contrasts["metric"] == METRIC)
-        & (contrasts["kind_a"] == "detailed")
-        & (contrasts["kind_b"].isin(COMPARED_TO_DETAILED))
-        & (contrasts["group"].isin(LAYER_GROUPS))
-    ]
+    rows = detailed_against_faster(contrasts)
+    rows = rows[rows["group"].isin(LAYER_GROUPS)]
     if rows.empty:
         return {"testable": False}
     cells = []
@@ -724,13 +724,18 @@ def interval_text(value, low, high) -> str:
     return f"{number(value)} [{number(low)}, {number(high)}]"
 
 
+def verdict_line(claim: dict) -> list[str]:
+    """A claim's verdict with its verdict per statistic and its tally of cells."""
+    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
+    return [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+
+
 def claim_one_section(result: dict) -> list[str]:
     claim = result["claims"]["1"]
     lines = [f"### {result['model']}", ""]
     if not claim["testable"]:
         return [*lines, "Not testable: no Detailed CoT with None or Simplified CoT.", ""]
-    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
-    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    lines += verdict_line(claim)
     rows = [
         [
             cell["task"],
@@ -757,8 +762,7 @@ def early_section(claim: dict) -> list[str]:
     lines = ["Where the faster kinds' larger gradients lie (rule `early`):", ""]
     if not claim["testable"]:
         return [*lines, "Not testable: no early, middle and late contrasts.", ""]
-    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
-    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    lines += verdict_line(claim)
     rows = [
         [
             cell["task"],
@@ -782,8 +786,7 @@ def length_section(claim: dict) -> list[str]:
     lines = ["At equal response length (rule `length`):", ""]
     if not claim["testable"]:
         return [*lines, "Not testable: no per-sample token counts or no kinds to compare.", ""]
-    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
-    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    lines += verdict_line(claim)
     rows = [
         [
             cell["task"],
@@ -809,8 +812,7 @@ def claim_five_section(result: dict) -> list[str]:
     lines = [f"### {result['model']}", ""]
     if not claim["testable"]:
         return [*lines, f"Not testable: no {SHORT_KIND} answers with longer ones.", ""]
-    by_statistic = ", ".join(f"{k}: {v}" for k, v in claim["by_statistic"].items())
-    lines += [f"**{claim['verdict']}** ({by_statistic}; cells: {counts_text(claim['counts'])})", ""]
+    lines += verdict_line(claim)
     rows = [
         [
             cell["task"],
