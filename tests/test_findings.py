@@ -28,6 +28,7 @@ from gradspec.findings import (
     model_role,
     no_better_verdict,
     separation_verdict,
+    smallest_wilcoxon_p,
 )
 from gradspec.reduce import reduce_command, spectra_sources
 
@@ -359,3 +360,12 @@ def test_claim_three_falls_back_to_simplified():
     assert result["verdict"] == HOLDS
     assert result["tasks"][0]["fast_kind"] == "simplified"
     assert result["tasks"][0]["share_significant_fast"] == 0.0
+
+
+@pytest.mark.parametrize("pairs", [2, 4, 5, 6, 8])
+def test_smallest_wilcoxon_p_is_scipys_for_all_positive_differences(pairs):
+    from scipy.stats import wilcoxon
+
+    expected = wilcoxon([float(i) for i in range(1, pairs + 1)]).pvalue
+    assert smallest_wilcoxon_p(pairs) == pytest.approx(expected)
+    assert smallest_wilcoxon_p(4) == 0.125  # by hand: 2 of the 2^4 sign patterns are as extreme

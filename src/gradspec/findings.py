@@ -717,7 +717,22 @@ def claim_three_section(result: dict) -> list[str]:
         header = ["kind", "module", "pairs", "relative difference [CI]", "d_z", "rank-biserial",
                   "p (Holm)", "share of layers significant"]  # fmt: skip
         lines += [*markdown_table(header, rows), ""]
+        fewest = min((module["n_pairs"] for module in task["modules"]), default=0)
+        if smallest_wilcoxon_p(fewest) >= result["alpha"]:
+            lines += [
+                f"With {fewest} pairs the smallest two-sided Wilcoxon p is "
+                f"{smallest_wilcoxon_p(fewest):.3g}, not below alpha = {result['alpha']:.3g}: "
+                "no module can be significant, so this task is inconclusive by its sample size "
+                "alone (the bootstrap intervals of the relative difference still show the "
+                "direction).",
+                "",
+            ]
     return lines
+
+
+def smallest_wilcoxon_p(pairs: int) -> float:
+    """The exact two-sided Wilcoxon signed-rank test's smallest p for this many pairs: 2 / 2^n."""
+    return min(1.0, 2.0 / 2**pairs) if pairs > 0 else 1.0
 
 
 def interval_text(value, low, high) -> str:
