@@ -203,12 +203,16 @@ def _scaled_model(base_config, hidden: int, layers: int, dtype, device):
 
 
 def _bare_and_engine(model, samples, label: str) -> tuple[Timing, Timing]:
+    """One sample's bare pass (no hooks installed) and the engine, each after a warm-up."""
     device = model.device
+
+    def bare_run():
+        papers_method(model, *samples[0], None)
+
+    bare_run()
+    bare = _time("bare", label, samples, bare_run, device)
     with SpectralCapture(model) as capture:
-        engine_method(capture, samples)  # warm-up
-        bare = _time(
-            "bare", label, samples, lambda: papers_method(model, *samples[0], None), device
-        )
+        engine_method(capture, samples)
         engine = _time("engine", label, samples, lambda: engine_method(capture, samples), device)
     return bare, engine
 
