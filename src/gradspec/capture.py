@@ -260,7 +260,7 @@ def _require_grad(module, args, output):
 
 
 # Logits are the largest tensor for big vocabularies (Gemma-3: 262k entries, about 1 GB per 1,000
-# tokens in float32): they are made for this many entries at a time, and again in backward.
+# tokens in float32): they are made for this many entries at a time.
 _LOGIT_CHUNK_ENTRIES = 1 << 25
 # The loss gradient with respect to the logits is kept from forward, instead of recomputing the
 # logits in backward, while the batch's logits have at most this many entries (512 MB in float32):
@@ -287,9 +287,10 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _logits(head: nn.Linear, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
-    logits = _at_least_float32(nn.functional.linear(hidden, head.weight, head.bias))
-    return torch.tanh(logits / cap) * cap if cap else logits
+def _logits(head: nn.Linear, hidden: torch.Tensor, cap: float | None):
+    """The head's raw logits (at least float32) and the logits after the soft cap, if any."""
+    raw = _at_least_float32(nn.functional.linear(hidden, head.weight, head.bias))
+    return raw, (torch.tanh(raw / cap) * cap if cap else raw)
 
 
 class _TokenLosses(torch.autograd.Function):
@@ -308,10 +309,7 @@ class _TokenLosses(torch.autograd.Function):
         ctx.kept = []
         losses = []
         for i in range(0, hidden.shape[0], chunk):
-            raw = _at_least_float32(
-                nn.functional.linear(hidden[i : i + chunk], head.weight, head.bias)
-            )
-            logits = torch.tanh(raw / cap) * cap if cap else raw
+            raw, logits = _logits(head, hidden[i : i + chunk], cap)
             chunk_targets = targets[i : i + chunk]
             losses.append(nn.functional.cross_entropy(logits, chunk_targets, reduction="none"))
             if keep:
@@ -327,10 +325,7 @@ class _TokenLosses(torch.autograd.Function):
             if ctx.kept:
                 grad_logits = ctx.kept[n]
             else:
-                raw = _at_least_float32(
-                    nn.functional.linear(hidden[i : i + chunk], head.weight, head.bias)
-                )
-                logits = torch.tanh(raw / cap) * cap if cap else raw
+                raw, logits = _logits(head, hidden[i : i + chunk], cap)
                 grad_logits = _logit_gradient(raw, logits, targets[i : i + chunk], cap)
             grad_logits *= grad_losses[i : i + chunk, None]
             grad_hidden[i : i + chunk] = _blocked_product(grad_logits, head.weight).to(hidden.dtype)
