@@ -331,15 +331,7 @@ def contrast_rows(
         relative_low, relative_high = st.percentile_interval(
             st.relative_difference(reference, reference + replicates), confidence
         )
-        labels = {
-            "model": a.labels["model"],
-            "dataset": a.labels["dataset"],
-            "condition": a.labels["condition"],
-            "task": a.labels["task"],
-            "kind_a": a.labels["kind"],
-            "kind_b": b.labels["kind"],
-            "statistic": statistic,
-        }
+        labels = {**kind_pair_labels(a, b)[0], "statistic": statistic}
         frames.append(
             long_frame(
                 labels,
